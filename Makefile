@@ -1,0 +1,56 @@
+# mmie: every stage is a file target, so a stage re-runs only when its inputs changed.
+#   make demo                      full pipeline on the embedded model and data/sample
+#   make full MODEL=... FORGET=... RETAIN=... SEEDS="1 2 3" ARMS="lora-npo reft-graddiff"
+#   make test / make lint
+# On a CUDA machine install a CUDA torch instead of the CPU pin: make setup TORCH=torch
+
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+MMIE := $(VENV)/bin/mmie
+STAMP := $(VENV)/.installed
+
+MODEL ?= default
+DATA ?= data/sample
+FORGET ?= $(DATA)/hi.jsonl
+RETAIN ?= $(DATA)/en.jsonl
+XLANG ?= --xlang ur=$(DATA)/ur.jsonl --xlang pa=$(DATA)/pa.jsonl --xlang bn=$(DATA)/bn.jsonl
+EXTRA_EVAL ?= --romanized $(DATA)/hi_latn.jsonl --mixed $(DATA)/hi_en_mixed.jsonl \
+              --adversarial $(DATA)/adversarial_hi.jsonl
+PROTECT ?= --retain $(DATA)/ur.jsonl --retain $(DATA)/pa.jsonl --retain $(DATA)/bn.jsonl
+OUT ?= runs/demo
+SEEDS ?= 1
+STEPS ?= 40
+N_PROMPTS ?= 40
+SAE_TOKENS ?= 60000
+ARMS ?= lora-npo reft-graddiff reft-graddiff+sae-gate
+
+.PHONY: setup test test-fast lint demo full clean-demo
+.DELETE_ON_ERROR:
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mmie tests bench
+
+include pipeline.mk
+
+demo: $(STAMP)
+	$(MAKE) --no-print-directory pipeline
+full: demo
+clean-demo:
+	rm -rf $(OUT)

@@ -1,0 +1,3 @@
+from mmie.cli import main
+
+main()

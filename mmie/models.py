@@ -1,0 +1,212 @@
+"""Loading models: the embedded default, local folders, GGUF files, hub ids and tiny test models.
+
+Every stage loads its model through :func:`loaded`, a context manager that releases the model
+(and the CUDA cache) when the block ends, so a loop over seeds never holds two models.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmie.artifacts import ModelIdentity
+from mmie.errors import ModelError
+from mmie.model_sources import SOURCES, resolve_source
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Where the decoder blocks live, by architecture family; tried in order.
+BLOCK_PATHS = (
+    "model.layers",                 # Llama, Qwen2, Mistral, Gemma 1-3 (text), Phi-3
+    "model.language_model.layers",  # Gemma 3 multimodal wrappers
+    "language_model.model.layers",
+    "transformer.h",                # GPT-2, GPT-J
+    "gpt_neox.layers",              # GPT-NeoX, Pythia
+    "model.decoder.layers",         # OPT
+    "transformer.layers",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model.
+
+    name: 'default' (embedded Gemma 3 270M), a local HF folder, a .gguf file, a hub id, or
+        tiny:llama / tiny:qwen2 / tiny:gemma3 (random weights, for tests).
+    device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.
+    dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+    device_map: None, or 'auto' to split a large model over the available devices.
+    attn_implementation: None lets transformers choose; a failing choice falls back to eager.
+    load_in_8bit: 8-bit weights through bitsandbytes (optional extra 'gpu').
+    blocks_path: dotted path of the decoder-block ModuleList for unknown architectures.
+    """
+
+    name: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    attn_implementation: str | None = None
+    load_in_8bit: bool = False
+    blocks_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model name is empty")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype '{self.dtype}' not in auto, {', '.join(DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device '{self.device}' not in auto, cpu, cuda, cuda:N")
+        if self.device_map not in (None, "auto"):
+            raise ValueError(f"device_map '{self.device_map}' must be 'auto' or unset")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"--device {self.device} asked for, but no CUDA device is available")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        cuda = self.torch_device().type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, identity and decoder blocks."""
+
+    model: nn.Module
+    tokenizer: object
+    identity: ModelIdentity
+    blocks: nn.ModuleList
+    spec: ModelSpec
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _lookup(root: nn.Module, dotted: str) -> nn.Module | None:
+    node = root
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def resolve_blocks(model: nn.Module, blocks_path: str | None = None) -> nn.ModuleList:
+    """The list of decoder blocks, or an error naming the candidates and the override."""
+    base = unwrap(model)
+    for path in (blocks_path,) if blocks_path else BLOCK_PATHS:
+        node = _lookup(base, path)
+        if isinstance(node, nn.ModuleList) and len(node) > 0:
+            return node
+    candidates = [f"{name} ({len(mod)})" for name, mod in base.named_modules()
+                  if isinstance(mod, nn.ModuleList) and len(mod) > 1]
+    where = f"'{blocks_path}' is not a ModuleList" if blocks_path else "unknown layout"
+    raise ModelError(f"cannot find the decoder blocks of {type(base).__name__} ({where}); "
+                     f"module lists: {', '.join(candidates) or 'none'}; pass --blocks-path")
+
+
+def get_decoder(model: nn.Module) -> nn.Module:
+    """The transformer body without the LM head (hidden states, no logits)."""
+    base = unwrap(model)
+    body = getattr(base, "base_model", None)
+    if body is None or body is base:
+        raise ModelError(f"{type(base).__name__} has no separate decoder body")
+    return body
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(unwrap(model)).__name__} has no output embeddings")
+    return head
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the device of the input embeddings (works for split models)."""
+    return unwrap(model).get_input_embeddings().weight.device
+
+
+def d_model_of(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "hidden_size", None) or getattr(text, "n_embd"))
+
+
+def identity_of(name: str, model: nn.Module, fingerprint: dict, n_layers: int) -> ModelIdentity:
+    config = unwrap(model).config
+    text = getattr(config, "text_config", None) or config
+    return ModelIdentity(name=name, arch=type(unwrap(model)).__name__, n_layers=n_layers,
+                         d_model=d_model_of(config), vocab_size=int(text.vocab_size),
+                         fingerprint=fingerprint)
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    tokenizer.padding_side = "left"  # generation and last-token reads assume left padding
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load a model as ``spec`` says; prefer :func:`loaded`, which also releases it."""
+    source = resolve_source(spec.name)
+    model, tokenizer, fingerprint = SOURCES[source.kind](source, spec)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    _prepare_tokenizer(tokenizer)
+    blocks = resolve_blocks(model, spec.blocks_path)
+    identity = identity_of(source.display, model, fingerprint, len(blocks))
+    return LoadedModel(model, tokenizer, identity, blocks, spec)
+
+
+def release(obj: LoadedModel | nn.Module | None) -> None:
+    """Drop references we hold and return cached GPU memory."""
+    if isinstance(obj, LoadedModel):
+        obj.model = None
+    del obj
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def loaded(spec: ModelSpec) -> Iterator[LoadedModel]:
+    """Load a model for the duration of a block; released on exit, also on error."""
+    handle = load_model(spec)
+    try:
+        yield handle
+    finally:
+        release(handle)
+
+
+def mmie_home() -> Path:
+    return Path(os.environ.get("MMIE_HOME", Path.home() / ".cache" / "mmie"))
+
+
+def with_name(spec: ModelSpec, name: str) -> ModelSpec:
+    return replace(spec, name=name)
