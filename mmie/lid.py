@@ -7,11 +7,14 @@ honest ``und``: CLD3 alone calls ``<strong>-</strong><strong>-`` English.
 
 The rule, in order:
 
-1. **Degeneracy** (:func:`degeneracy`): HTML tags, entities and URLs are stripped and counted
-   as non-letters. The text is ``und`` when it is empty, has fewer than ``min_letters`` letters,
-   its non-space characters are mostly non-letters (``max_nonletter_share``), or it repeats
-   itself: token distinct-2 below ``min_distinct_2`` (for texts of at least
-   ``repetition_min_tokens`` tokens) or a span of ``max_repeat`` tokens occurring twice.
+1. **Not language**: HTML tags, entities and URLs are stripped and counted as non-letters.
+   The text is ``und`` when it is empty, has fewer than ``min_letters`` letters, its non-space
+   characters are mostly non-letters (``max_nonletter_share``), or it is heavy repetition with
+   little distinct content: fewer than ``min_unique_tokens`` distinct tokens, or token
+   distinct-1 below ``min_distinct_1`` (for texts of at least ``repetition_min_tokens`` tokens).
+   Milder repetition (a fluent clause that then loops) keeps its language: the model still
+   writes that language, and :func:`degeneracy` reports the loop separately, with the stricter
+   distinct-2 and repeated-span tests. Detectors see the text with repeats collapsed.
 2. **Script**: the dominant Unicode script of the letters (:func:`script_of`) picks a
    :class:`~mmie.lid_backends.ScriptRule`. Code-mixing: when Latin dominates but at least
    ``mixed_min_share`` of the words are Devanagari, Arabic, Gurmukhi or Bengali, the Latin
@@ -79,7 +82,12 @@ class LidConfig:
             repetitive.
         repetition_min_tokens: texts with fewer tokens skip the distinct-2 test ("ha ha").
         max_repeat: a span of this many tokens occurring twice (overlaps allowed) is
-            repetitive.
+            repetitive when it is also at least ``max_repeat_share`` of the text's tokens:
+            fluent model output often repeats a clause once, which is not junk.
+        max_repeat_share: see ``max_repeat``.
+        min_unique_tokens: language ID needs at least this many distinct tokens in a text of
+            ``repetition_min_tokens`` or more ("the the the" is ``und``).
+        min_distinct_1: below this ratio of distinct to total tokens the text is ``und``.
         min_confidence: the winning language needs at least this mean vote; else ``und``.
         min_margin: the winner must beat the runner-up by this much; else ``und``.
         mixed_min_share: Latin-script text with at least this share of its words in Deva,
@@ -96,6 +104,9 @@ class LidConfig:
     min_distinct_2: float = 0.5
     repetition_min_tokens: int = 4
     max_repeat: int = 8
+    max_repeat_share: float = 0.4
+    min_unique_tokens: int = 3
+    min_distinct_1: float = 0.2
     min_confidence: float = 0.35
     min_margin: float = 0.1
     mixed_min_share: float = 0.25
@@ -108,11 +119,16 @@ class LidConfig:
         if unknown or not self.backends or len(set(self.backends)) != len(self.backends):
             raise ValueError(f"LidConfig.backends must be distinct names from "
                              f"{sorted(BACKENDS)}, got {self.backends!r}")
-        for name in ("max_nonletter_share", "min_distinct_2", "min_confidence", "min_margin",
-                     "mixed_min_share", "romanized_threshold", "romanized_veto"):
+        for name in ("max_nonletter_share", "max_repeat_share", "min_distinct_2",
+                     "min_distinct_1", "min_confidence", "min_margin", "mixed_min_share",
+                     "romanized_threshold",
+                     "romanized_veto"):
             _check_share(name, getattr(self, name))
         if self.min_letters < 0:
             raise ValueError(f"LidConfig.min_letters must be >= 0, got {self.min_letters}")
+        if self.min_unique_tokens < 1:
+            raise ValueError(f"LidConfig.min_unique_tokens must be >= 1, got "
+                             f"{self.min_unique_tokens}")
         if self.repetition_min_tokens < 2:
             raise ValueError("LidConfig.repetition_min_tokens must be >= 2 (a bigram needs "
                              f"two tokens), got {self.repetition_min_tokens}")
@@ -236,21 +252,35 @@ def _low_distinct(p: Prepared, d: Degeneracy, c: LidConfig) -> str | None:
 
 
 def _long_repeat(p: Prepared, d: Degeneracy, c: LidConfig) -> str | None:
-    if d.longest_repeat >= c.max_repeat:
+    share = d.longest_repeat / max(1, len(p.tokens))
+    if d.longest_repeat >= c.max_repeat and share >= c.max_repeat_share:
         return f"repetitive: a {d.longest_repeat}-token span occurs twice (max_repeat " \
-               f"{c.max_repeat})"
+               f"{c.max_repeat}, {share:.0%} of the text)"
     return None
 
 
-_CHECKS: tuple[_JunkCheck, ...] = (_empty, _few_letters, _mostly_nonletters, _low_distinct,
-                               _long_repeat)
+def _few_unique(p: Prepared, d: Degeneracy, c: LidConfig) -> str | None:
+    if len(p.tokens) < c.repetition_min_tokens:
+        return None
+    unique = len(set(p.tokens))
+    if unique < c.min_unique_tokens:
+        return f"repetitive: {unique} distinct tokens < min_unique_tokens {c.min_unique_tokens}"
+    if d.distinct_1 < c.min_distinct_1:
+        return f"repetitive: distinct-1 {d.distinct_1:.2f} < min_distinct_1 {c.min_distinct_1}"
+    return None
 
 
-def _degeneracy(prepared: Prepared, config: LidConfig) -> Degeneracy:
+# What makes text "not language" (``und``), and the stricter set that makes it degenerate.
+_NOT_LANGUAGE: tuple[_JunkCheck, ...] = (_empty, _few_letters, _mostly_nonletters, _few_unique)
+_CHECKS: tuple[_JunkCheck, ...] = (*_NOT_LANGUAGE, _low_distinct, _long_repeat)
+
+
+def _degeneracy(prepared: Prepared, config: LidConfig,
+                checks: tuple[_JunkCheck, ...] = _CHECKS) -> Degeneracy:
     tokens = prepared.tokens
     stats = Degeneracy(_nonletter_share(prepared), _distinct(tokens, 1), _distinct(tokens, 2),
                        _longest_repeat(tokens), False, "")
-    for check in _CHECKS:
+    for check in checks:
         reason = check(prepared, stats, config)
         if reason:
             return Degeneracy(stats.nonletter_share, stats.distinct_1, stats.distinct_2,
@@ -326,12 +356,19 @@ def _collect_votes(prepared: Prepared, config: LidConfig) -> dict[str, Vote]:
     return votes
 
 
+def _collapse_repeats(tokens: tuple[str, ...]) -> str:
+    """The text with each token kept once, in order: loops no longer sway the detectors."""
+    return " ".join(dict.fromkeys(tokens))
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _detect_cached(text: str, config: LidConfig) -> LidResult:
     prepared = prepare(text)
-    junk = _degeneracy(prepared, config)
+    junk = _degeneracy(prepared, config, _NOT_LANGUAGE)
     if junk.is_degenerate:
         return LidResult(UND, prepared.script, 0.0, MappingProxyType({}), junk.reason)
+    if _degeneracy(prepared, config).is_degenerate:  # a loop: let detectors see it once
+        prepared = prepare(_collapse_repeats(prepared.tokens))
     focus = code_mixed_focus(prepared, config.mixed_min_share)
     target, note = (focus[0], f"code-mixed, {focus[2]:.0%} of words in {focus[1]}: ") \
         if focus else (prepared, "")

@@ -294,3 +294,12 @@ def test_lid_accuracy_on_sample_set(lang):
 def test_lid_accuracy_on_romanized_sample_set():
     accuracy, misses = _accuracy(_read_sample("hi_latn"), "hi-Latn")
     assert accuracy >= 0.80, f"hi-Latn: accuracy {accuracy:.3f}; e.g. {misses}"
+
+
+def test_fluent_text_that_loops_keeps_its_language_but_is_degenerate():
+    from mmie.lid import degeneracy, detect_one
+
+    text = "भी लोग घर पर नहीं सो रहे हैं। बारिश के पानी के पानी के पानी के पानी के पानी के पानी"
+    assert detect_one(text).lang == "hi"
+    assert degeneracy(text).is_degenerate
+    assert detect_one("पानी के पानी के पानी के पानी के पानी के पानी").lang == "und"
