@@ -208,10 +208,13 @@ def _markdown_table(text: str) -> str:
 def section_gates(arts: list[Artifact]) -> str:
     parts = []
     for art in arts:
-        decisions = art.metrics.get("decisions") or art.metrics.get("arms") or {}
+        decisions = {arm: v for arm, v in art.metrics.items()
+                     if isinstance(v, dict) and "decision" in v}
         parts.append(f"<p>{esc(art.path)}</p>")
-        if isinstance(decisions, dict) and decisions:
-            parts.append(table(["arm", "decision"], [[k, fmt(v)] for k, v in decisions.items()]))
+        if decisions:
+            parts.append(table(["arm", "decision", "gates passed", "gates failed"],
+                               [[arm, v["decision"], v.get("passed", ""), v.get("failed", "")]
+                                for arm, v in decisions.items()]))
         if (art.path / "gate.md").is_file():
             parts.append(_markdown_table(art.read_text("gate.md")))
         parts.append(artifact_png(art, "forest.png"))

@@ -37,7 +37,7 @@ def _run_folder(root):
              model=None, metrics={"forget_rate": {"value": rate, "n": 10}},
              files={"samples.jsonl": _samples(rate)})
     save(root / "gate", "gate", tensors={}, config={}, model=None,
-         metrics={"decisions": {"lora-npo": "STOP"}},
+         metrics={"lora-npo": {"value": 0, "decision": "STOP", "passed": 3, "failed": 2}},
          files={"gate.md": "| arm | gate | decision |\n|---|---|---|\n| lora-npo | ppl | FAIL |\n",
                 "forest.png": PNG})
 

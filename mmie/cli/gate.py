@@ -1,0 +1,92 @@
+"""`mmie gate`: bootstrap CIs, FDR correction and PROCEED/STOP decisions per arm over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mmie.cli.app import app
+from mmie.cli.common import (
+    ForceOpt,
+    JsonOpt,
+    OutOpt,
+    SeedOpt,
+    console,
+    emit_json,
+    info,
+    progress,
+    run_guarded,
+)
+
+_STYLES = {"PASS": "green", "FAIL": "red", "REPORT": "dim", "PROCEED": "bold green",
+           "STOP": "bold red"}
+
+
+def _styled(decision: str) -> str:
+    return f"[{_STYLES[decision]}]{decision}[/]"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _table(report: dict) -> Table:
+    from mmie.gate_report import threshold_text
+
+    table = Table(title="mmie gate")
+    for column in ("arm", "gate", "estimate", "CI", "level", "threshold", "p (BH)", "decision"):
+        table.add_column(column)
+    for g in report["gates"]:
+        ci = "-" if g["ci"] is None else f"[{g['ci']['low']:.4g}, {g['ci']['high']:.4g}]"
+        table.add_row(g["arm"], g["gate"], _fmt(g["estimate"]), ci, g["level"] or "-",
+                      threshold_text(g), _fmt(g["p_adj"]), _styled(g["decision"]))
+    table.add_section()
+    for arm, verdict in report["arms"].items():
+        table.add_row(arm, "[bold]all gates[/]", "", "", verdict["level"], "", "",
+                      _styled(verdict["decision"]))
+    return table
+
+
+@app.command("gate")
+def gate_cmd(
+    baseline: Annotated[Path, typer.Option(
+        "--baseline", help="Eval artifact of the model before unlearning.")],
+    evals: Annotated[list[Path], typer.Option(
+        "--eval", help="Eval artifact of one arm and seed; repeat it, or list several after "
+                       "one --eval.")],
+    out: OutOpt,
+    more_evals: Annotated[list[Path] | None, typer.Argument(
+        metavar="EVAL", help="More eval artifacts (so that '--eval a b c' works).",
+        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML thresholds overriding the shipped mmie/gates.toml.")] = None,
+    alpha: Annotated[float, typer.Option(help="FDR level; intervals are (1 - alpha).")] = 0.05,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = 10000,
+    seed: SeedOpt = 0,
+    stop_exit_code: Annotated[int | None, typer.Option(
+        help="Exit with this code when some arm is STOP (default: exit 0 either way).")] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bootstrap CIs, FDR correction and PROCEED/STOP decisions per arm over seeds."""
+    from mmie.gate import STOP, GateConfig, run
+
+    def body():
+        settings = GateConfig.from_toml(config, alpha=alpha, n_boot=n_boot, seed=seed)
+        return run(settings, baseline, [*evals, *(more_evals or [])], out, force=force,
+                   progress=progress())
+
+    artifact = run_guarded(body)
+    report = json.loads(artifact.read_text("gate.json"))
+    console.print(_table(report))
+    info(f"wrote {artifact.path}")
+    decisions = {arm: verdict["decision"] for arm, verdict in report["arms"].items()}
+    if json_out:
+        emit_json({"artifact": str(artifact.path), "arms": decisions,
+                   "gates": report["gates"], "fdr": report["fdr"]})
+    if stop_exit_code is not None and STOP in decisions.values():
+        raise typer.Exit(stop_exit_code)
