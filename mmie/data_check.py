@@ -54,7 +54,8 @@ def _lid_mix(texts: Sequence[str]) -> dict[str, float]:
 def _token_stats(texts: Sequence[str], tokenizer, max_length: int) -> dict:
     lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
     ordered = sorted(lengths)
-    return {"tokens_mean": round(statistics.fmean(lengths), 2), "tokens_median": ordered[len(ordered) // 2],
+    return {"tokens_mean": round(statistics.fmean(lengths), 2),
+            "tokens_median": ordered[len(ordered) // 2],
             "tokens_max": ordered[-1], "truncated_share": round(
                 sum(n > max_length for n in lengths) / len(lengths), 4)}
 

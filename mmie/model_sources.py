@@ -132,8 +132,8 @@ def _load_hf(location: str, spec, **extra):
                     kwargs["attn_implementation"], exc)
         model = AutoModelForCausalLM.from_pretrained(location, **{**kwargs,
                                                      "attn_implementation": "eager"})
-    tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in extra.items()
-                                                          if k in ("gguf_file", "local_files_only")})
+    tok_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "local_files_only")}
+    tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     if not spec.device_map and not spec.load_in_8bit:
         model.to(spec.torch_device())
     return model, tokenizer

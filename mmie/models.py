@@ -154,7 +154,7 @@ def input_device(model: nn.Module) -> torch.device:
 
 def d_model_of(config) -> int:
     text = getattr(config, "text_config", None) or config
-    return int(getattr(text, "hidden_size", None) or getattr(text, "n_embd"))
+    return int(getattr(text, "hidden_size", None) or text.n_embd)
 
 
 def identity_of(name: str, model: nn.Module, fingerprint: dict, n_layers: int) -> ModelIdentity:

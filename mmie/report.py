@@ -46,7 +46,8 @@ def find_artifacts(roots: Sequence[str]) -> list[Artifact]:
         if not root_path.exists():
             raise ArtifactError(f"{root}: no such folder")
         for manifest in sorted(root_path.rglob(MANIFEST)):
-            if not any(part.startswith(".") for part in manifest.parent.relative_to(root_path).parts):
+            parts = manifest.parent.relative_to(root_path).parts
+            if not any(part.startswith(".") for part in parts):  # temp or checkpoint folders
                 found.append(load(manifest.parent))
     if not found:
         raise ArtifactError(f"no mmie artifacts under {', '.join(roots)}")
@@ -118,7 +119,8 @@ def section_sae(arts: list[Artifact]) -> str:
         keys = sorted({k for q in quality.values() if isinstance(q, dict) for k in q})
         rows = [[layer, *(q.get(k, "") for k in keys)] for layer, q in sorted(quality.items())]
         selected = art.metrics.get("selected", {})
-        sel_rows = [[layer, ", ".join(map(str, ids[:12]))] for layer, ids in sorted(selected.items())]
+        sel_rows = [[layer, ", ".join(map(str, ids[:12]))]
+                    for layer, ids in sorted(selected.items())]
         parts.append(f"<p>{esc(art.path)}</p>" + table(["layer", *keys], rows)
                      + table(["layer", "top forget features"], sel_rows))
     return "".join(parts)
@@ -184,7 +186,8 @@ def section_evals(arts: list[Artifact]) -> str:
 def _heatmap(plt, rates: dict, sets: list[str]):
     arms = list(rates)
     fig, axes = plt.subplots(1, 2, figsize=(2 + 1.2 * len(sets) * 2, 1 + 0.5 * len(arms)))
-    for ax, which, title in ((axes[0], 0, "forget-language rate"), (axes[1], 1, "own-language rate")):
+    panels = ((axes[0], 0, "forget-language rate"), (axes[1], 1, "own-language rate"))
+    for ax, which, title in panels:
         grid = [[rates[a].get(s, (math.nan, math.nan))[which] for s in sets] for a in arms]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(sets)), sets, rotation=45, ha="right")

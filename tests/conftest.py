@@ -36,7 +36,8 @@ def write_jsonl(path: Path, texts, field: str = "text") -> Path:
 
 @pytest.fixture
 def text_files(tmp_path: Path) -> dict[str, Path]:
-    return {"hi": write_jsonl(tmp_path / "hi.jsonl", HI), "en": write_jsonl(tmp_path / "en.jsonl", EN)}
+    return {"hi": write_jsonl(tmp_path / "hi.jsonl", HI),
+            "en": write_jsonl(tmp_path / "en.jsonl", EN)}
 
 
 @pytest.fixture(params=["llama", "qwen2", "gemma3"])

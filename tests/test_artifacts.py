@@ -8,7 +8,8 @@ from mmie import artifacts
 from mmie.artifacts import ModelIdentity, load, save
 from mmie.errors import ArtifactError
 
-IDENT = ModelIdentity("m", "Arch", 4, 8, 100, {"config_sha256": "a" * 64, "weights_sha256": "b" * 64})
+IDENT = ModelIdentity("m", "Arch", 4, 8, 100,
+                      {"config_sha256": "a" * 64, "weights_sha256": "b" * 64})
 
 
 def _save(tmp_path: Path, **kw):
@@ -123,7 +124,8 @@ def test_other_base_model_refused(tmp_path):
 
 def test_parents_recorded_with_hash(tmp_path):
     parent = _save(tmp_path)
-    child = save(tmp_path / "child", "eval", tensors={}, config={}, model=None, parents=[parent.path])
+    child = save(tmp_path / "child", "eval", tensors={}, config={}, model=None,
+                 parents=[parent.path])
     (record,) = child.manifest["parents"]
     assert record["kind"] == "sae"
     assert record["sha256"] == artifacts.content_hash(parent.path)

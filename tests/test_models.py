@@ -68,7 +68,8 @@ def test_folder_round_trip(tmp_path, tiny_lm):
     tiny_lm.model.save_pretrained(tmp_path / "m")
     tiny_lm.tokenizer.save_pretrained(tmp_path / "m")
     with loaded(ModelSpec(name=str(tmp_path / "m"))) as again:
-        assert again.identity.fingerprint["config_sha256"] == tiny_lm.identity.fingerprint["config_sha256"]
+        fingerprint = tiny_lm.identity.fingerprint
+        assert again.identity.fingerprint["config_sha256"] == fingerprint["config_sha256"]
         ids = tiny_lm.tokenizer(["hello there"], return_tensors="pt")
         assert torch.allclose(again.model(**ids).logits, tiny_lm.model(**ids).logits, atol=1e-6)
 

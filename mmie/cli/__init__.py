@@ -7,8 +7,6 @@ from typing import Annotated
 import typer
 
 from mmie import __version__
-from mmie.cli.app import app
-from mmie.cli.common import STATE
 
 # Importing a command module attaches its command to ``app``.
 from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
@@ -22,6 +20,8 @@ from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
     train_sae,
     unlearn,
 )
+from mmie.cli.app import app
+from mmie.cli.common import STATE
 
 
 def _version(value: bool) -> None:
@@ -32,7 +32,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Debug logs and tracebacks.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,

@@ -43,4 +43,5 @@ def check(
     out.print(_table(report))
     for pair in report["overlap"]:
         if pair["shared"]:
-            out.print(f"[yellow]overlap:[/] {pair['shared']} texts in both {pair['a']} and {pair['b']}")
+            out.print(f"[yellow]overlap:[/] {pair['shared']} texts in both {pair['a']} "
+                      f"and {pair['b']}")
