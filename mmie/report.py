@@ -101,12 +101,16 @@ def arm_label(art: Artifact) -> str:
     return f"{cfg.get('arm', art.path.name)} / seed {cfg.get('seed', '-')}"
 
 
+def _reason_text(reason: object) -> str:
+    return reason.get("text", str(reason)) if isinstance(reason, dict) else str(reason)
+
+
 def section_layers(arts: list[Artifact]) -> str:
     parts = []
     for art in arts:
         chosen = art.metrics.get("chosen", [])
         reasons = art.metrics.get("reasons", {})
-        rows = [[layer, reasons.get(str(layer), reasons.get(layer, ""))] for layer in chosen]
+        rows = [[layer, _reason_text(reasons.get(str(layer), ""))] for layer in chosen]
         parts.append(f"<p>{esc(art.path)}</p>" + table(["chosen layer", "why"], rows)
                      + artifact_png(art, "layers.png"))
     return "".join(parts)
@@ -116,7 +120,8 @@ def section_sae(arts: list[Artifact]) -> str:
     parts = []
     for art in arts:
         quality = art.metrics.get("layers", {})
-        keys = sorted({k for q in quality.values() if isinstance(q, dict) for k in q})
+        keys = sorted({k for q in quality.values() if isinstance(q, dict)
+                       for k, v in q.items() if isinstance(v, (int, float))})
         rows = [[layer, *(q.get(k, "") for k in keys)] for layer, q in sorted(quality.items())]
         selected = art.metrics.get("selected", {})
         sel_rows = [[layer, ", ".join(map(str, ids[:12]))]
