@@ -1,0 +1,158 @@
+"""`mmie evaluate`: language rates, perplexity, MIA and probe AUC of a model or an arm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mmie.cli.app import app
+from mmie.cli.common import (
+    BlocksPathOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    SeedOpt,
+    console,
+    emit_json,
+    info,
+    model_spec,
+    progress,
+    run_guarded,
+)
+
+SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
+               ("degenerate_rate", "degenerate"), ("fluency_nll", "fluency NLL"),
+               ("distinct_2", "distinct-2"))
+SUMMARY = ("retain_ppl", "forget_ppl", "retain_ppl_ratio", "substitution.protected",
+           "substitution.replacement", "romanized.romanized_rate", "mia_auc_loss",
+           "mia_auc_mink_pp", "probe_auc")
+
+
+def parse_pairs(items: list[str], option: str) -> tuple[tuple[str, str], ...]:
+    """LANG=FILE pairs from a repeated option."""
+    pairs = []
+    for item in items:
+        lang, sep, path = item.partition("=")
+        if not sep or not lang.strip() or not path.strip():
+            raise typer.BadParameter(f"'{item}' is not LANG=FILE", param_hint=option)
+        pairs.append((lang.strip(), path.strip()))
+    return tuple(pairs)
+
+
+def _fmt(entry: dict | None) -> str:
+    value = (entry or {}).get("value")
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _table(metrics: dict, sets: list[str], arm: str) -> Table:
+    table = Table(title=f"evaluate: arm {arm}")
+    table.add_column("set")
+    for _, label in SET_COLUMNS:
+        table.add_column(label, justify="right")
+    table.add_column("n", justify="right")
+    for name in sets:
+        entries = [metrics.get(f"{name}.{key}") for key, _ in SET_COLUMNS]
+        table.add_row(name, *map(_fmt, entries), str(metrics[f"{name}.forget_rate"]["n"]))
+    return table
+
+
+def _summary(metrics: dict) -> Table:
+    table = Table(title="model-level metrics")
+    for col in ("metric", "value", "n", "missing"):
+        table.add_column(col, justify="right" if col in ("value", "n") else "left")
+    for name in SUMMARY:
+        entry = metrics.get(name)
+        if entry:
+            table.add_row(name, _fmt(entry), str(entry["n"]), entry.get("missing", ""))
+    return table
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    forget: Annotated[str, typer.Option(help="Held-out texts of the language to forget.")],
+    retain: Annotated[str, typer.Option(help="Held-out texts of the language to keep.")],
+    out: OutOpt,
+    model: ModelOpt = "default",
+    adapter: Annotated[str | None, typer.Option(
+        help="Adapter artifact (from `mmie unlearn`) to evaluate; none = the base model.")] = None,
+    sae: Annotated[str | None, typer.Option(help="SAE artifact for --sae-gate.")] = None,
+    sae_gate: Annotated[bool, typer.Option(
+        "--sae-gate", help="Gate the forget-language SAE features (needs --sae).")] = False,
+    gate_strength: Annotated[float | None, typer.Option(
+        help="SAE gate strength (default: the artifact's).")] = None,
+    script_scrub: Annotated[str | None, typer.Option(
+        "--script-scrub", help="Script-scrub artifact to apply.")] = None,
+    xlang: Annotated[list[str] | None, typer.Option(
+        help="LANG=FILE protected related language (leakage, collateral damage); repeat.")] = None,
+    romanized: Annotated[str | None, typer.Option(help="Romanized forget-language texts.")] = None,
+    mixed: Annotated[str | None, typer.Option(help="Code-mixed texts.")] = None,
+    adversarial: Annotated[str | None, typer.Option(
+        help="Instructions asking for the forget language (used whole as prompts).")] = None,
+    forget_train: Annotated[str | None, typer.Option(
+        help="Texts unlearning trained on: membership-inference members.")] = None,
+    layers: Annotated[str | None, typer.Option(
+        help="Layers artifact (`mmie select-layers`): probe its chosen layers.")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        help="Eval artifact of the base model, for the retain perplexity ratio.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
+    n_prompts: Annotated[int, typer.Option(help="First N texts of each set.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts / texts per forward pass.")] = 16,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (seeded).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus mass when sampling.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="Penalty on repeated tokens (1.0 = off); keeps small models out of loops.")] = 1.2,
+    arm: Annotated[str | None, typer.Option(
+        help="Arm name for `mmie gate` (default: base, or the adapter's method-objective "
+             "plus +sae-gate / +scrub).")] = None,
+    forget_lang: Annotated[str, typer.Option(help="Language to forget (ISO code).")] = "hi",
+    retain_lang: Annotated[str, typer.Option(help="Language of --retain.")] = "en",
+    replacement_lang: Annotated[str, typer.Option(
+        help="Language expected to replace the forgotten one.")] = "en",
+    protected: Annotated[str, typer.Option(
+        help="Comma-separated related languages whose use counts as substitution.")] = "ur,pa,bn",
+    field: Annotated[str, typer.Option(help="JSON field or table column with the text.")] = "text",
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="A metric that cannot be computed is an error, not a gap.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    blocks_path: BlocksPathOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure what a model (or an arm) still says, in which language, and at what cost."""
+    from mmie.evaluate import EvalConfig, run
+
+    pairs = parse_pairs(xlang or [], "--xlang")
+
+    def body():
+        config = EvalConfig(
+            model=model_spec(model, device, dtype, device_map, blocks_path), forget=forget,
+            retain=retain, xlang=pairs, romanized=romanized, mixed=mixed, adversarial=adversarial,
+            forget_train=forget_train, layers=layers, baseline=baseline, adapter=adapter,
+            sae=sae, sae_gate=sae_gate, gate_strength=gate_strength, scrub=script_scrub, arm=arm,
+            n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+            seed=seed, forget_lang=forget_lang,
+            retain_lang=retain_lang, replacement_lang=replacement_lang,
+            protected=tuple(p.strip() for p in protected.split(",") if p.strip()),
+            field=field, strict=strict)
+        return run(config, Path(out), force=force, progress=progress())
+
+    artifact = run_guarded(body)
+    metrics, arm_name = artifact.metrics, artifact.config["arm"]
+    sets = sorted({key.split(".")[0] for key in metrics if key.endswith(".forget_rate")},
+                  key=lambda s: (s not in ("forget", "retain"), s))
+    console.print(_table(metrics, sets, arm_name))
+    console.print(_summary(metrics))
+    info(f"arm '{arm_name}': eval artifact written to {artifact.path}")
+    if json_out:
+        emit_json({"artifact": str(artifact.path), "arm": arm_name, "metrics": metrics})
