@@ -22,12 +22,13 @@ PROTECT ?= --retain $(DATA)/ur.jsonl --retain $(DATA)/pa.jsonl --retain $(DATA)/
 OUT ?= runs/demo
 SEEDS ?= 1
 STEPS ?= 40
-N_PROMPTS ?= 40
-SAE_TOKENS ?= 60000
+N_PROMPTS ?= 16
+SAE_TOKENS ?= 30000
 ARMS ?= lora-npo reft-graddiff reft-graddiff+sae-gate
 
 .PHONY: setup test test-fast lint demo full clean-demo
 .DELETE_ON_ERROR:
+.SECONDARY:  # keep every stage's artifact: they are the pipeline's results
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +50,10 @@ lint: $(STAMP)
 
 include pipeline.mk
 
+# Quick settings for the demo; `make full` uses each command's defaults.
 demo: $(STAMP)
-	$(MAKE) --no-print-directory pipeline
-full: demo
+	$(MAKE) --no-print-directory pipeline SL_OPTS="--max-samples 100" SAE_OPTS="--max-heldout 40"
+full: $(STAMP)
+	$(MAKE) --no-print-directory pipeline OUT=$(if $(filter command line,$(origin OUT)),$(OUT),runs/full)
 clean-demo:
 	rm -rf $(OUT)

@@ -1,45 +1,50 @@
 # The pipeline, one artifact per stage; each target's manifest.json is its completion mark.
+# Extra options per stage, e.g. SL_OPTS="--max-samples 100" GATE_OPTS="--n-boot 2000".
+SL_OPTS ?=
+SAE_OPTS ?=
+UNLEARN_OPTS ?=
+EVAL_OPTS ?=
+GATE_OPTS ?=
 COMMON := --model $(MODEL)
 SEED_DIRS := $(foreach s,$(SEEDS),seed$(s))
+LAYERS := $(OUT)/layers/manifest.json
+EVAL_ARGS = $(COMMON) --forget $(FORGET) --retain $(RETAIN) $(XLANG) $(EXTRA_EVAL) \
+  --layers $(OUT)/layers --n-prompts $(N_PROMPTS) --out $(@D) --force $(EVAL_OPTS)
+UNLEARN_ARGS = $(COMMON) --forget $(FORGET) --retain $(RETAIN) $(PROTECT) --layers $(OUT)/layers \
+  --steps $(STEPS) --seed $(*:seed%=%) --out $(@D) --force $(UNLEARN_OPTS)
 
-$(OUT)/layers/manifest.json: $(FORGET) $(RETAIN)
-	$(MMIE) select-layers $(COMMON) --forget $(FORGET) --retain $(RETAIN) --out $(OUT)/layers --force
+$(LAYERS): $(FORGET) $(RETAIN)
+	$(MMIE) select-layers $(COMMON) --forget $(FORGET) --retain $(RETAIN) --out $(@D) --force \
+	  $(SL_OPTS)
 
-$(OUT)/sae/manifest.json: $(OUT)/layers/manifest.json
+$(OUT)/sae/manifest.json: $(LAYERS)
 	$(MMIE) train-sae $(COMMON) --layers $(OUT)/layers --forget $(FORGET) --retain $(RETAIN) \
-	  --tokens $(SAE_TOKENS) --out $(OUT)/sae --force
+	  --tokens $(SAE_TOKENS) --out $(@D) --force $(SAE_OPTS)
 
-$(OUT)/eval-base/manifest.json: $(FORGET) $(RETAIN)
-	$(MMIE) evaluate $(COMMON) --forget $(FORGET) --retain $(RETAIN) $(XLANG) $(EXTRA_EVAL) \
-	  --layers $(OUT)/layers --n-prompts $(N_PROMPTS) --arm base --out $(OUT)/eval-base --force
+$(OUT)/eval-base/manifest.json: $(LAYERS)
+	$(MMIE) evaluate $(EVAL_ARGS) --arm base
 
-$(OUT)/lora-npo/%/manifest.json: $(OUT)/layers/manifest.json
-	$(MMIE) unlearn $(COMMON) --method lora --objective npo --forget $(FORGET) --retain $(RETAIN) \
-	  $(PROTECT) --layers $(OUT)/layers --steps $(STEPS) --seed $(*:seed%=%) --out $(@D) --force
+$(OUT)/lora-npo/%/manifest.json: $(LAYERS)
+	$(MMIE) unlearn --method lora --objective npo $(UNLEARN_ARGS)
 
-$(OUT)/reft-graddiff/%/manifest.json: $(OUT)/layers/manifest.json
-	$(MMIE) unlearn $(COMMON) --method reft --objective graddiff --forget $(FORGET) \
-	  --retain $(RETAIN) $(PROTECT) --layers $(OUT)/layers --steps $(STEPS) --seed $(*:seed%=%) \
-	  --out $(@D) --force
+$(OUT)/reft-graddiff/%/manifest.json: $(LAYERS)
+	$(MMIE) unlearn --method reft --objective graddiff $(UNLEARN_ARGS)
 
 $(OUT)/eval-lora-npo/%/manifest.json: $(OUT)/lora-npo/%/manifest.json
-	$(MMIE) evaluate $(COMMON) --adapter $(<D) --forget $(FORGET) --retain $(RETAIN) $(XLANG) \
-	  $(EXTRA_EVAL) --layers $(OUT)/layers --n-prompts $(N_PROMPTS) --out $(@D) --force
+	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
 
 $(OUT)/eval-reft-graddiff/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json
-	$(MMIE) evaluate $(COMMON) --adapter $(<D) --forget $(FORGET) --retain $(RETAIN) $(XLANG) \
-	  $(EXTRA_EVAL) --layers $(OUT)/layers --n-prompts $(N_PROMPTS) --out $(@D) --force
+	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
 
-$(OUT)/eval-reft-graddiff+sae-gate/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json $(OUT)/sae/manifest.json
-	$(MMIE) evaluate $(COMMON) --adapter $(<D) --sae $(OUT)/sae --sae-gate --forget $(FORGET) \
-	  --retain $(RETAIN) $(XLANG) $(EXTRA_EVAL) --layers $(OUT)/layers --n-prompts $(N_PROMPTS) \
-	  --out $(@D) --force
+$(OUT)/eval-reft-graddiff+sae-gate/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json \
+                                                    $(OUT)/sae/manifest.json
+	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D) --sae $(OUT)/sae --sae-gate
 
 EVALS := $(foreach a,$(ARMS),$(foreach s,$(SEED_DIRS),$(OUT)/eval-$(a)/$(s)/manifest.json))
 
 $(OUT)/gate/manifest.json: $(OUT)/eval-base/manifest.json $(EVALS)
-	$(MMIE) gate --baseline $(OUT)/eval-base $(foreach e,$(EVALS),--eval $(dir $(e))) \
-	  --out $(OUT)/gate --force
+	$(MMIE) gate --baseline $(OUT)/eval-base $(foreach e,$(EVALS),--eval $(patsubst %/,%,$(dir $(e)))) \
+	  --out $(@D) --force $(GATE_OPTS)
 
 $(OUT)/report.html: $(OUT)/gate/manifest.json
 	$(MMIE) report $(OUT) --out $@

@@ -224,6 +224,13 @@ def arm_name(c: EvalConfig) -> str:
     return name + "+sae-gate" * c.sae_gate + "+scrub" * (c.scrub is not None)
 
 
+def replicate_seed(c: EvalConfig) -> int:
+    """The seed `gate` groups by: the adapter's training seed, else the evaluation seed."""
+    if c.adapter is None:
+        return c.seed
+    return int(load(c.adapter, kind="adapter").config.get("seed", c.seed))
+
+
 def parent_paths(c: EvalConfig) -> list[Path]:
     return [Path(p) for p in (c.adapter, c.sae, c.scrub, c.layers, c.baseline) if p]
 
@@ -426,7 +433,8 @@ def run(config: EvalConfig, out: Path | str, *, force: bool = False,
     got = measure(config, sets, members, progress)
     records = build_records(config, sets, got)
     metrics = build_metrics(config, sets, got, records, baseline)
-    settings = {**config.to_dict(), "arm": arm, "seed": config.seed,
+    settings = {**config.to_dict(), "arm": arm, "seed": replicate_seed(config),
+                "eval_seed": config.seed,
                 "data": data_record(config, sets), "interventions": got.applied}
     files = {**records.files(), "rates.png": em.chart_png(metrics, [s.name for s in sets], arm)}
     return save(out, "eval", tensors={}, config=settings, model=got.identity,
