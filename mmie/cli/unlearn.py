@@ -1,0 +1,167 @@
+"""`mmie unlearn`: train LoRA or ReFT edits that forget one language and keep the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mmie.cli.app import app
+from mmie.cli.common import (
+    BlocksPathOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    console,
+    emit_json,
+    model_spec,
+    progress,
+    run_guarded,
+)
+
+
+def _pairs(items: list[str] | None, what: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise typer.BadParameter(f"{what} '{item}' is not NAME=VALUE")
+        out.append((name.strip(), value.strip()))
+    return tuple(out)
+
+
+def _weights(items: list[str] | None) -> tuple[tuple[str, float], ...]:
+    try:
+        return tuple((name, float(value)) for name, value in _pairs(items, "--retain-weight"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"--retain-weight: {exc}") from None
+
+
+def _modules(items: list[str] | None) -> tuple[str, ...] | None:
+    names = [n.strip() for item in items or [] for n in item.split(",") if n.strip()]
+    return tuple(names) or None
+
+
+def describe(artifact) -> dict:
+    """A short summary of an ``adapter`` (or ``scrub``) artifact."""
+    curve = artifact.metrics.get("curve") or [{}]
+    return {"path": str(artifact.path), "kind": artifact.kind,
+            "seed": artifact.config.get("seed"), "method": artifact.config.get("method"),
+            "objective": artifact.config.get("objective"),
+            "steps": len(artifact.metrics.get("curve", [])),
+            "first_loss": curve[0].get("loss"), "final_loss": curve[-1].get("loss"),
+            "seconds_per_step": artifact.metrics.get("seconds_per_step")}
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _table(summaries: list[dict]) -> Table:
+    table = Table(title="mmie unlearn")
+    for column in ("artifact", "kind", "seed", "steps", "first loss", "final loss", "s/step"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(s["path"], s["kind"], str(s.get("seed")), str(s.get("steps", "-")),
+                      _fmt(s.get("first_loss")), _fmt(s.get("final_loss")),
+                      _fmt(s.get("seconds_per_step")))
+    return table
+
+
+@app.command("unlearn")
+def unlearn_cmd(
+    forget: Annotated[str, typer.Option("--forget", help="Texts of the language to forget.")],
+    retain: Annotated[list[str], typer.Option(
+        "--retain", help="Texts of a language to keep; repeat for several sets.")],
+    out: OutOpt,
+    model: ModelOpt = "default",
+    method: Annotated[str, typer.Option(
+        help="lora (PEFT), reft (block-output interventions), or scrub (no training: fit a "
+             "forget-vs-retain direction per layer, a 'scrub' artifact).")] = "lora",
+    objective: Annotated[str, typer.Option(help="ga, graddiff, npo, simnpo or rmu.")] = "npo",
+    objective_opt: Annotated[list[str] | None, typer.Option(
+        "--objective-opt", help="Objective setting NAME=VALUE, e.g. beta=0.2 (npo/simnpo), "
+                                "steering_coeff=20 or layer=6 (rmu); repeat.")] = None,
+    retain_loss: Annotated[str, typer.Option(
+        help="kl (to the frozen model, top-k approximation) or nll.")] = "kl",
+    retain_opt: Annotated[list[str] | None, typer.Option(
+        "--retain-opt", help="Retain-loss setting NAME=VALUE, e.g. top_k=128 or exact=true.")
+    ] = None,
+    retain_weight: Annotated[list[str] | None, typer.Option(
+        "--retain-weight", help="SET=W: weight of a retain set, named by its path or file stem "
+                                "(en for data/en.jsonl); unnamed sets weigh 1; normalised.")
+    ] = None,
+    layers: Annotated[Path | None, typer.Option(
+        "--layers", help="A layers artifact: edit its chosen blocks (default: every block for "
+                         "LoRA, the middle three for ReFT and scrub).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(
+        "--seed", help="Random seed; repeat for one artifact per seed under OUT/seed{N}.")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 30,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate (default 5e-4 for LoRA, 2e-3 for ReFT).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per forget (and retain) batch.")] = 4,
+    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 64,
+    rank: Annotated[int | None, typer.Option(help="LoRA / ReFT rank (default 8 / 4).")] = None,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 16.0,
+    target_modules: Annotated[list[str] | None, typer.Option(
+        "--target-modules", help="LoRA target linears, comma-separated or repeated (default: "
+                                 "q,k,v,o,gate,up,down_proj).")] = None,
+    gate: Annotated[str | None, typer.Option(help="ReFT gate: grun.")] = None,
+    gate_weight: Annotated[float, typer.Option(help="Weight of the gate loss.")] = 1.0,
+    reft_kind: Annotated[str, typer.Option(help="ReFT intervention: lowrank or loreft.")
+                         ] = "lowrank",
+    curriculum: Annotated[bool, typer.Option(
+        "--curriculum", help="Visit forget texts easiest first (lowest base-model total NLL).")
+    ] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: none).")
+                                ] = 10,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from .<out>.checkpoint; skip seeds already complete.")
+    ] = False,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (global L2 norm).")
+                             ] = 1.0,
+    max_samples: Annotated[int | None, typer.Option(help="At most this many texts per file.")
+                           ] = None,
+    field: Annotated[str, typer.Option(help="JSON field or column holding the text.")] = "text",
+    scrub_whiten: Annotated[bool, typer.Option(
+        "--scrub-whiten", help="--method scrub: LEACE-style whitened eraser.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    blocks_path: BlocksPathOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train LoRA or ReFT edits that forget the forget language and keep the retain ones.
+
+    Each seed writes an 'adapter' artifact (OUT, or OUT/seed{N} with several seeds) holding
+    the adapter weights, every setting, the base model's identity and the training curve.
+    """
+    from mmie.adapters import LORA_TARGETS
+    from mmie.unlearn import UnlearnConfig, run_seeds
+
+    def body():
+        config = UnlearnConfig(
+            forget=forget, retain=tuple(retain), field=field,
+            model=model_spec(model, device, dtype, None, blocks_path), method=method,
+            objective=objective, objective_options=_pairs(objective_opt, "--objective-opt"),
+            retain_loss=retain_loss, retain_options=_pairs(retain_opt, "--retain-opt"),
+            retain_weights=_weights(retain_weight), layers=str(layers) if layers else None,
+            steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, rank=rank,
+            alpha=alpha, target_modules=_modules(target_modules) or LORA_TARGETS, gate=gate,
+            gate_weight=gate_weight, reft_kind=reft_kind, curriculum=curriculum,
+            checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm,
+            max_samples=max_samples, scrub_whiten=scrub_whiten)
+        return run_seeds(config, seed or [0], out, force=force, resume=resume,
+                         progress=progress())
+
+    summaries = [describe(a) for a in run_guarded(body)]
+    if json_out:
+        emit_json(summaries)
+    else:
+        console.print(_table(summaries))
