@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind")
     parser.add_argument("--top-k", type=int, default=64, help="retain KL: reference ids kept")
+    parser.add_argument("--token-frac", type=float, default=1.0,
+                        help="retain KL: share of retain positions scored per step")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -61,7 +63,8 @@ def bench_config(args: argparse.Namespace) -> UnlearnConfig:
     return UnlearnConfig(
         forget=str(SAMPLE / "hi.jsonl"), retain=(str(SAMPLE / "en.jsonl"),),
         model=ModelSpec(name=args.model, device=args.device), method=args.method,
-        objective="npo", retain_loss="kl", retain_options=(("top_k", str(args.top_k)),),
+        objective="npo", retain_loss="kl", retain_options=(("top_k", str(args.top_k)),
+                                                    ("token_frac", str(args.token_frac))),
         steps=steps, batch_size=args.batch_size, max_length=args.max_length,
         checkpoint_every=0, max_samples=max(8, steps * args.batch_size))
 

@@ -221,3 +221,20 @@ def test_kl_retain_topk_and_exact():
         topk(RetainInputs(**base))
     with pytest.raises(ValueError, match="top_k"):
         get_retain_loss("kl", top_k=0)
+
+
+def test_kl_token_subsampling_scores_a_seeded_subset():
+    import torch
+
+    from mmie.objectives import _subsample
+
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    torch.manual_seed(0)
+    a = _subsample(mask, 0.5)
+    torch.manual_seed(0)
+    b = _subsample(mask, 0.5)
+    assert torch.equal(a, b)
+    assert int(a.sum()) == 4 and not bool((a & ~mask).any())
+    assert int(_subsample(mask, 0.01).sum()) == 1
+    with pytest.raises(ValueError, match="token_frac"):
+        get_retain_loss("kl", token_frac=0)
