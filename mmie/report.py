@@ -208,7 +208,7 @@ def _heatmap(plt, rates: dict, sets: list[str]):
 
 def _markdown_table(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
-    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    rows = [[c.strip().replace("**", "") for c in ln.strip("|").split("|")] for ln in lines]
     rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
     return table(rows[0], rows[1:]) if rows else ""
 
@@ -221,7 +221,8 @@ def section_gates(arts: list[Artifact]) -> str:
         parts.append(f"<p>{esc(art.path)}</p>")
         if decisions:
             parts.append(table(["arm", "decision", "gates passed", "gates failed"],
-                               [[arm, v["decision"], v.get("passed", ""), v.get("failed", "")]
+                               [[arm, v["decision"], v.get("passed", ""),
+                                 ", ".join(map(str, v.get("failed", [])))]
                                 for arm, v in decisions.items()]))
         if (art.path / "gate.md").is_file():
             parts.append(_markdown_table(art.read_text("gate.md")))
