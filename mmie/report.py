@@ -213,6 +213,10 @@ def _markdown_table(text: str) -> str:
     return table(rows[0], rows[1:]) if rows else ""
 
 
+def _listed(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def section_gates(arts: list[Artifact]) -> str:
     parts = []
     for art in arts:
@@ -222,7 +226,7 @@ def section_gates(arts: list[Artifact]) -> str:
         if decisions:
             parts.append(table(["arm", "decision", "gates passed", "gates failed"],
                                [[arm, v["decision"], v.get("passed", ""),
-                                 ", ".join(map(str, v.get("failed", [])))]
+                                 _listed(v.get("failed", ""))]
                                 for arm, v in decisions.items()]))
         if (art.path / "gate.md").is_file():
             parts.append(_markdown_table(art.read_text("gate.md")))

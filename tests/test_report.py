@@ -37,7 +37,8 @@ def _run_folder(root):
              model=None, metrics={"forget_rate": {"value": rate, "n": 10}},
              files={"samples.jsonl": _samples(rate)})
     save(root / "gate", "gate", tensors={}, config={}, model=None,
-         metrics={"lora-npo": {"value": 0, "decision": "STOP", "passed": 3, "failed": 2}},
+         metrics={"lora-npo": {"value": 0, "decision": "STOP", "passed": 3,
+                                       "failed": ["fluency", "mia_auc"]}},
          files={"gate.md": "| arm | gate | decision |\n|---|---|---|\n| lora-npo | ppl | FAIL |\n",
                 "forest.png": PNG})
 
@@ -52,6 +53,7 @@ def test_report_is_self_contained(tmp_path):
     assert page.count("data:image/png;base64,") >= 4  # layers, curves, heatmap, forest
     assert not re.search(r"(src|href)=[\"']?(https?:|/|\.\./)", page)
     assert "highest probe AUC" in page and "STOP" in page and "FAIL" in page
+    assert "fluency, mia_auc" in page and "**" not in page
 
 
 def test_report_errors(tmp_path):
