@@ -152,8 +152,10 @@ def load_hub(source: Source, spec):
 
         folder = snapshot_download(source.location, local_files_only=_offline())
     except Exception as exc:  # noqa: BLE001 - hub errors have many types; re-raised with cause
+        cause = " ".join(str(exc).split())  # hub errors span lines; the CLI shows one
         raise ModelError(f"cannot get '{source.location}' from the model hub ({type(exc).__name__}:"
-                         f" {exc}); without network, use a local folder or a cached model") from exc
+                         f" {cause[:200]}); without network, use a local folder or a cached "
+                         "model") from exc
     return load_folder(Source("folder", folder, source.display), spec)
 
 

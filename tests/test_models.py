@@ -109,3 +109,10 @@ def test_layer_out_of_range(tiny_lm):
     with pytest.raises(ValueError, match="out of range"):
         with capture_blocks(tiny_lm.blocks, [7]):
             pass
+
+
+def test_unreachable_hub_id_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="cannot get 'someorg/none' from the model hub") as err:
+        load_model(ModelSpec(name="someorg/none"))
+    assert "\n" not in str(err.value)
