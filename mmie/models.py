@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmie.artifacts import ModelIdentity
+from mmie.distributed import local_device
 from mmie.errors import ModelError
 from mmie.model_sources import SOURCES, resolve_source
 
@@ -70,11 +71,12 @@ class ModelSpec:
             raise ValueError(f"device_map '{self.device_map}' must be 'auto' or unset")
 
     def torch_device(self) -> torch.device:
+        """The device to load on; under a launcher each process takes its own GPU."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelError(f"--device {self.device} asked for, but no CUDA device is available")
-        return torch.device(self.device)
+        return local_device(torch.device(self.device))
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":

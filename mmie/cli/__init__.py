@@ -22,6 +22,7 @@ from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
 )
 from mmie.cli.app import app
 from mmie.cli.common import STATE
+from mmie.distributed import world
 
 
 def _version(value: bool) -> None:
@@ -43,6 +44,8 @@ def _main(
     if verbose and quiet:
         raise typer.BadParameter("--verbose and --quiet exclude each other")
     STATE.verbose, STATE.quiet = verbose, quiet
+    if not world().main:  # under torchrun / accelerate launch only rank 0 reports progress
+        STATE.quiet = True
     import logging
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,

@@ -1,0 +1,120 @@
+"""Data parallelism through the engines users already run: torchrun / accelerate launch.
+
+mmie adds no distribution layer of its own. A stage started by ``torchrun --nproc_per_node N``
+or ``accelerate launch --multi_gpu --num_processes N`` finds ``WORLD_SIZE`` / ``RANK`` /
+``LOCAL_RANK`` in its environment; :func:`accelerator` then builds an
+:class:`accelerate.Accelerator` (DDP over NCCL on GPUs, over gloo on CPU; FSDP or DeepSpeed
+when the accelerate config says so) and the stage wraps its trainable module with it.
+
+This module holds only what every stage shares: who am I (:func:`world`), which share of a
+list is mine (:func:`shard`), waiting for the others (:func:`barrier`) and collecting
+per-process results on every process in rank order (:func:`gather`). Outside a launcher all of
+them are no-ops for a single process, so library callers and tests need nothing special.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the launched ones."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that writes artifacts and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def world() -> World:
+    """Read the launcher's environment (torchrun, accelerate launch and MPI spell it alike)."""
+    size = _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
+    rank = _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", default=0)
+    local = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", default=0)
+    if not 0 <= rank < size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={size}")
+    return World(rank=rank, size=size, local_rank=local)
+
+
+def local_device(device: torch.device) -> torch.device:
+    """A process's own GPU under a launcher: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    here = world()
+    if here.distributed and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", here.local_rank)
+    return device
+
+
+def accelerator():
+    """The Accelerator for this process (a plain single-process one outside a launcher).
+
+    ``cpu=True`` without CUDA matters: accelerate only picks the gloo backend for CPU processes
+    when told they are CPU processes; otherwise each would silently train alone.
+    """
+    from accelerate import Accelerator  # heavy import, only for the stages that train
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def ensure_group() -> None:
+    """Join the process group when launched and not yet joined (gloo on CPU, NCCL on GPU)."""
+    if world().distributed and not _initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shard(items: Sequence[T], here: World | None = None) -> list[T]:
+    """This process's share: every ``size``-th item from ``rank``, so shares differ by <= 1."""
+    here = here or world()
+    return list(items[here.rank::here.size])
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op for one)."""
+    if _initialized():
+        dist.barrier()
+
+
+def gather(obj: T) -> list[T]:
+    """Every process's ``obj`` in rank order, on every process (``[obj]`` for one process)."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def unshard(parts: Sequence[Sequence[T]]) -> list[T]:
+    """Undo :func:`shard`: interleave rank-ordered shares back into the original order."""
+    total = sum(len(p) for p in parts)
+    merged: list = [None] * total
+    for rank, part in enumerate(parts):
+        merged[rank::len(parts)] = list(part)
+    return merged
