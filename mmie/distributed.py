@@ -86,7 +86,12 @@ def _initialized() -> bool:
 
 def ensure_group() -> None:
     """Join the process group when launched and not yet joined (gloo on CPU, NCCL on GPU)."""
-    if world().distributed and not _initialized():
+    here = world()
+    if here.distributed and not _initialized():
+        if torch.cuda.is_available():
+            # NCCL collectives (all_gather_object too) run on the current device: without this
+            # every rank would use cuda:0 and NCCL refuses duplicate GPUs
+            torch.cuda.set_device(here.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

@@ -1,213 +1,39 @@
 """`evaluate`: what a model (with interventions, if any) still says, in which language, at what
 cost.
 
-Pipeline: read every text set (errors before any model loads); load the model; with the
-interventions attached (adapter, SAE gate, script scrub: :mod:`mmie.interventions`) continue
-the prompts of every set, score held-out forget/retain texts (perplexity), forget-train vs
-held-out forget texts (membership inference) and harvest activations for the language probe;
-detach them and score every continuation with the base model (fluency; for the base arm the
-log-probs recorded while generating greedily are those scores, so no second pass runs);
-release the model; label each continuation with LID and write an ``eval`` artifact (format in
+Pipeline: read every text set (errors before any model loads: :mod:`mmie.eval_config`); load
+the model and run every model pass (:mod:`mmie.eval_pass`); release it; label each
+continuation with LID, aggregate the metrics and write an ``eval`` artifact (format in
 docs/internals.md).
 
-Prompts are the first ``n_prompts`` texts of each file, never a seeded sample: arms evaluated
-with different seeds must pair by ``(set, idx)`` on the same prompts. A prompt is the first
-``prompt_frac`` of a sentence (:func:`mmie.data.split_prompt`); adversarial texts are
-instructions and are used whole.
+Under ``torchrun`` / ``accelerate launch`` every process loads the model on its own device and
+runs its share of the batches; the per-sample results are gathered, and rank 0 alone labels,
+aggregates and writes, from the same merged records a single process would have: the artifact
+is the one-process artifact. The other ranks wait and return what rank 0 wrote.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmie import eval_metrics as em
-from mmie.activations import harvest
-from mmie.artifacts import Artifact, load, save, sha256_file
-from mmie.data import filter_texts, read_texts, split_prompt
+from mmie.artifacts import Artifact, load, save
+from mmie.distributed import ensure_group, gather, world
 from mmie.errors import ArtifactError
-from mmie.generation import (
-    Generation,
-    GenerationSettings,
-    TokenScores,
-    continuation_items,
-    generate,
-    score,
-    text_items,
+from mmie.eval_config import (  # noqa: F401  (re-exported: the stage's public names)
+    EXTRA_SETS,
+    EvalConfig,
+    PromptSet,
+    data_record,
+    read_members,
+    read_sets,
 )
+from mmie.eval_pass import Measured, measure
 from mmie.lid import degeneracy, detect
-from mmie.models import LoadedModel, ModelSpec, loaded
 from mmie.progress import SILENT, Progress
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Settings of one `evaluate` run.
-
-    model: the base model. forget, retain: held-out texts of the language to forget and of the
-        language to keep (prompts, perplexity, probe). xlang: (lang, file) protected related
-        languages (leakage and collateral damage). romanized, mixed, adversarial: optional
-        extra forget-prompt sets. forget_train: the texts unlearning saw (MIA members).
-    layers: a ``layers`` artifact; its ``metrics['chosen']`` layers are probed.
-    baseline: an ``eval`` artifact of the base model, for the retain perplexity ratio.
-    adapter, sae, scrub: intervention artifacts; the SAE gate needs ``sae_gate``, with
-        ``gate_strength`` overriding the artifact's strength.
-    arm: name recorded for `gate`; None derives it (:func:`arm_name`).
-    n_prompts: texts used per set (the first ones of each file).
-    max_new_tokens, batch_size, temperature, top_p, seed: generation (greedy unless a
-        temperature is given); seed also seeds the probe folds.
-    repetition_penalty: 1.2 by default: greedy continuations of small models otherwise loop
-        (Gemma 3 270M: 13 of 16 Hindi continuations of 48 tokens), and a loop counts as
-        degenerate, not as a language, so the base rates would say little. Recorded in
-        ``data``: the baseline and every arm must decode alike.
-    forget_lang, retain_lang, replacement_lang: ISO codes; the replacement language is the one
-        forget prompts are expected to be answered in after unlearning.
-    protected: related languages whose use on forget prompts counts as substitution.
-    prompt_frac: share of a sentence's words used as its prompt.
-    max_length: tokens per text for perplexity, MIA and probe texts.
-    mink_k: share of lowest-scoring tokens averaged by Min-K%++.
-    field: JSON field or column holding the text.
-    strict: a metric that cannot be computed is an error instead of a recorded gap.
-    """
-
-    model: ModelSpec = field(default_factory=ModelSpec)
-    forget: str = ""
-    retain: str = ""
-    xlang: tuple[tuple[str, str], ...] = ()
-    romanized: str | None = None
-    mixed: str | None = None
-    adversarial: str | None = None
-    forget_train: str | None = None
-    layers: str | None = None
-    baseline: str | None = None
-    adapter: str | None = None
-    sae: str | None = None
-    sae_gate: bool = False
-    gate_strength: float | None = None
-    scrub: str | None = None
-    arm: str | None = None
-    n_prompts: int = 16
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.2
-    seed: int = 0
-    forget_lang: str = "hi"
-    retain_lang: str = "en"
-    replacement_lang: str = "en"
-    protected: tuple[str, ...] = ("ur", "pa", "bn")
-    prompt_frac: float = 0.5
-    max_length: int = 256
-    mink_k: float = 0.2
-    field: str = "text"
-    strict: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "xlang", tuple(tuple(x) for x in self.xlang))
-        object.__setattr__(self, "protected", tuple(self.protected))
-        if not self.forget or not self.retain:
-            raise ValueError("both forget and retain files are required")
-        for name in ("n_prompts", "max_length"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
-        if not 0 < self.prompt_frac < 1:
-            raise ValueError(f"prompt_frac must be in (0, 1), got {self.prompt_frac}")
-        if not 0 < self.mink_k <= 1:
-            raise ValueError(f"mink_k must be in (0, 1], got {self.mink_k}")
-        self._check_langs()
-        self._check_interventions()
-        self.generation()  # validates the generation fields
-
-    def _check_langs(self) -> None:
-        langs = [lang for lang, _ in self.xlang]
-        if len(set(langs)) != len(langs):
-            raise ValueError(f"xlang languages repeat: {', '.join(langs)}")
-        if self.forget_lang in {*langs, *self.protected, self.replacement_lang, self.retain_lang}:
-            raise ValueError(f"forget language '{self.forget_lang}' is also listed as an xlang, "
-                             "protected, replacement or retain language")
-
-    def _check_interventions(self) -> None:
-        if self.sae_gate != (self.sae is not None):
-            raise ValueError("--sae and --sae-gate go together (the SAE is only used as a gate)")
-        if self.gate_strength is not None and not self.sae_gate:
-            raise ValueError("--gate-strength needs --sae-gate")
-        if self.arm is not None and not self.arm.strip():
-            raise ValueError("arm name is empty")
-
-    @property
-    def intervened(self) -> bool:
-        return any(x is not None for x in (self.adapter, self.sae, self.scrub))
-
-    def generation(self) -> GenerationSettings:
-        # the unmodified model's greedy log-probs are its fluency scores: no second pass needed
-        record = not self.intervened and self.temperature == 0
-        return GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                                  temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                                  repetition_penalty=self.repetition_penalty,
-                                  max_prompt_tokens=self.max_length, record_logprobs=record)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# --- prompt sets ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PromptSet:
-    """One set of prompts: its name in samples.jsonl, texts, prompts and own language."""
-
-    name: str
-    path: str
-    own: str | None
-    texts: list[str]
-    prompts: list[str]
-
-
-# Optional forget-prompt sets: config field -> (own language, whether the whole text is the
-# prompt). Adversarial texts are instructions ("answer in Hindi: ..."), not sentences to cut.
-EXTRA_SETS: dict[str, tuple[Callable[[EvalConfig], str | None], bool]] = {
-    "romanized": (lambda c: c.forget_lang + em.ROMAN_SUFFIX, False),
-    "mixed": (lambda c: None, False),
-    "adversarial": (lambda c: None, True),
-}
-
-
-def _prompt_set(c: EvalConfig, name: str, path: str, own: str | None, whole: bool) -> PromptSet:
-    texts = read_texts(path, c.field, limit=c.n_prompts)
-    prompts = texts if whole else [split_prompt(t, c.prompt_frac)[0] for t in texts]
-    return PromptSet(name, path, own, texts, prompts)
-
-
-def read_sets(c: EvalConfig) -> list[PromptSet]:
-    """Every prompt set, read and validated (DataError) before any model loads."""
-    sets = [_prompt_set(c, "forget", c.forget, c.forget_lang, False),
-            _prompt_set(c, "retain", c.retain, c.retain_lang, False)]
-    sets += [_prompt_set(c, f"xlang:{lang}", path, lang, False) for lang, path in c.xlang]
-    for name, (own, whole) in EXTRA_SETS.items():
-        if getattr(c, name):
-            sets.append(_prompt_set(c, name, getattr(c, name), own(c), whole))
-    return sets
-
-
-def _file_hash(path: str) -> str | None:
-    return sha256_file(Path(path)) if Path(path).is_file() else None
-
-
-def data_record(c: EvalConfig, sets: list[PromptSet]) -> dict:
-    """What `gate` checks is identical between the baseline and every arm."""
-    files = {s.name: _file_hash(s.path) for s in sets}
-    if c.forget_train:
-        files["forget_train"] = _file_hash(c.forget_train)
-    return {"files": files, "n_prompts": c.n_prompts, "max_new_tokens": c.max_new_tokens,
-            "forget_lang": c.forget_lang, "retain_lang": c.retain_lang,
-            "replacement_lang": c.replacement_lang, "protected": list(c.protected),
-            "prompt_frac": c.prompt_frac, "temperature": c.temperature, "top_p": c.top_p,
-            "repetition_penalty": c.repetition_penalty}
-
 
 # --- arms and parent artifacts ----------------------------------------------------------------
 
@@ -233,86 +59,6 @@ def replicate_seed(c: EvalConfig) -> int:
 
 def parent_paths(c: EvalConfig) -> list[Path]:
     return [Path(p) for p in (c.adapter, c.sae, c.scrub, c.layers, c.baseline) if p]
-
-
-def chosen_layers(c: EvalConfig, lm: LoadedModel) -> list[int] | None:
-    if c.layers is None:
-        return None
-    chosen = load(c.layers, kind="layers", model=lm.identity).metrics.get("chosen")
-    if isinstance(chosen, dict):
-        chosen = chosen.get("value")
-    if not chosen:
-        raise ArtifactError(f"{c.layers}: layers artifact has no chosen layers")
-    return [int(x) for x in chosen]
-
-
-@contextmanager
-def interventions(lm: LoadedModel, c: EvalConfig) -> Iterator[dict]:
-    """The single call site of :mod:`mmie.interventions`; nothing attached for the base arm."""
-    if not c.intervened:
-        yield {}
-        return
-    from mmie.interventions import attached  # layer 3; only needed when an arm is evaluated
-
-    path = lambda p: Path(p) if p else None  # noqa: E731
-    with attached(lm, adapter=path(c.adapter), sae=path(c.sae),
-                  sae_gate_strength=c.gate_strength, scrub=path(c.scrub)) as applied:
-        yield dict(applied or {})
-
-
-# --- the model pass ---------------------------------------------------------------------------
-
-@dataclass
-class Measured:
-    """Everything computed with the model loaded; plain CPU data only."""
-
-    generations: dict[str, list[Generation]]
-    ppl: dict[str, list[TokenScores]]
-    mia: tuple[list[TokenScores], list[TokenScores]] | None
-    pooled: tuple[dict, dict] | None
-    fluency: dict[str, list[TokenScores]]
-    applied: dict
-    identity: object
-
-
-def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
-                        members: list[str] | None, progress: Progress) -> Measured:
-    layers = chosen_layers(c, lm)
-    settings = c.generation()
-    kw = dict(batch_size=c.batch_size, progress=progress)
-    texts = {s.name: s.texts for s in sets}
-    with interventions(lm, c) as applied:
-        gens = {s.name: generate(lm, s.prompts, settings, progress=progress,
-                                 desc=f"generate {s.name}") for s in sets}
-        ppl = {name: score(lm, text_items(lm, texts[name], c.max_length), desc=f"ppl {name}",
-                           **kw) for name in ("retain", "forget")}
-        mia = None if members is None else (
-            score(lm, text_items(lm, members, c.max_length), desc="mia members", **kw),
-            ppl["forget"])
-        pooled = None if layers is None else tuple(
-            harvest(lm, texts[name], layers, max_length=c.max_length, batch_size=c.batch_size,
-                    token_sample=0, seed=c.seed, progress=progress, desc=f"probe {name}").pooled
-            for name in ("forget", "retain"))
-    return Measured(gens, ppl, mia, pooled, {}, applied, lm.identity)
-
-
-def measure(c: EvalConfig, sets: list[PromptSet], members: list[str] | None,
-            progress: Progress = SILENT) -> Measured:
-    """Load the model, run every model-dependent step, release the model."""
-    with loaded(c.model) as lm:
-        got = _with_interventions(lm, c, sets, members, progress)
-        # fluency is judged by the base model: interventions are detached by now
-        got.fluency = {name: _fluency(lm, c, gens, progress, name)
-                       for name, gens in got.generations.items()}
-    return got
-
-
-def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], progress: Progress,
-             name: str) -> list[TokenScores]:
-    if all(g.logprobs is not None for g in gens):  # recorded while the base model generated
-        return [TokenScores(g.logprobs, ()) for g in gens]
-    return score(lm, continuation_items(gens), batch_size=c.batch_size, progress=progress,
-                 desc=f"fluency {name}")
 
 
 # --- records and metrics (model released) ----------------------------------------------------
@@ -413,29 +159,48 @@ def _baseline(c: EvalConfig) -> Artifact | None:
     return None if c.baseline is None else load(c.baseline, kind="eval")
 
 
-def read_members(c: EvalConfig, held_out: list[str]) -> list[str]:
-    """MIA members: forget-train texts, minus any that is also a held-out (non-member) text."""
-    texts, held = read_texts(c.forget_train, c.field, limit=c.n_prompts), set(held_out)
-    return filter_texts(texts, lambda t: t not in held, c.forget_train,
-                        "not also in the held-out forget texts")
+def _written_by_main(write: Callable[[], Artifact], out: Path) -> Artifact:
+    """Rank 0 writes the artifact; the other ranks wait for it and load it."""
+    here = world()
+    if not here.distributed:
+        return write()
+    artifact, done = None, False
+    try:
+        artifact = write() if here.main else None
+        done = True
+    finally:
+        # reached even when rank 0 fails, so the others stop instead of waiting for a timeout
+        main_done = gather(done)[0]
+    if not main_done:
+        raise ArtifactError(f"rank 0 failed to write {out}; its error says why")
+    return artifact if here.main else load(out, kind="eval")
 
 
 def run(config: EvalConfig, out: Path | str, *, force: bool = False,
         progress: Progress = SILENT) -> Artifact:
-    """Evaluate as ``config`` says; write and return the ``eval`` artifact at ``out``."""
+    """Evaluate as ``config`` says; write and return the ``eval`` artifact at ``out``.
+
+    Under a launcher every process calls it alike (see the module docstring).
+    """
     out = Path(out)
     _check_out(out, force)
+    ensure_group()
     sets = read_sets(config)
     members = read_members(config, sets[0].texts) if config.forget_train else None
     arm, baseline = arm_name(config), _baseline(config)
     if config.layers:
         load(config.layers, kind="layers")  # a bad artifact fails before the model loads
     got = measure(config, sets, members, progress)
-    records = build_records(config, sets, got)
-    metrics = build_metrics(config, sets, got, records, baseline)
-    settings = {**config.to_dict(), "arm": arm, "seed": replicate_seed(config),
-                "eval_seed": config.seed,
-                "data": data_record(config, sets), "interventions": got.applied}
-    files = {**records.files(), "rates.png": em.chart_png(metrics, [s.name for s in sets], arm)}
-    return save(out, "eval", tensors={}, config=settings, model=got.identity,
-                parents=parent_paths(config), metrics=metrics, files=files, force=force)
+
+    def write() -> Artifact:
+        records = build_records(config, sets, got)
+        metrics = build_metrics(config, sets, got, records, baseline)
+        settings = {**config.to_dict(), "arm": arm, "seed": replicate_seed(config),
+                    "eval_seed": config.seed,
+                    "data": data_record(config, sets), "interventions": got.applied}
+        files = {**records.files(),
+                 "rates.png": em.chart_png(metrics, [s.name for s in sets], arm)}
+        return save(out, "eval", tensors={}, config=settings, model=got.identity,
+                    parents=parent_paths(config), metrics=metrics, files=files, force=force)
+
+    return _written_by_main(write, out)

@@ -18,6 +18,10 @@ across calls.
 :func:`score` computes per-token log-probabilities (and Min-K%++ z-scores) of token sequences
 from the decoder's final hidden states, ``chunk_tokens`` real tokens at a time: a ``[batch,
 tokens, vocab]`` logits tensor never exists (Gemma's vocabulary has 262,144 entries).
+
+Both can share their batches among launched processes (``here=world()``): each process runs
+whole batches of the one-process plan, so N processes return exactly what one returns
+(:mod:`mmie.sharded`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmie.data import batched
+from mmie.distributed import World
 from mmie.models import LoadedModel, get_decoder, input_device, lm_head, unwrap
 from mmie.progress import SILENT, Progress
+from mmie.sharded import length_batches, map_batches
 
 # transformers' own defaults for the sampling fields: it treats these as "not set" and does
 # not warn about them under greedy decoding, while None would inherit the checkpoint's values.
@@ -49,7 +54,9 @@ class GenerationSettings:
     top_p: nucleus mass when sampling (1.0 = off); must stay 1.0 for greedy decoding.
     repetition_penalty: CTRL-style penalty on tokens already in the text (1.0 = off); small
         models decoding greedily loop, and a loop says little about which language they use.
-    seed: sampling seed; the global RNG is left untouched.
+    seed: sampling seed; batch ``b`` of the length-sorted batches samples from its own seed
+        (:func:`batch_seed`), so a batch's draws do not depend on which batches ran before it
+        (or on which process ran it). The global RNG is left untouched.
     max_prompt_tokens: longer prompts keep BOS and their last tokens (what is continued).
     static_cache: None = static KV cache on CUDA only; True / False force it.
     compile: let transformers torch.compile the decode step (static cache, CUDA only).
@@ -170,14 +177,19 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed batch ``batch`` samples from: distinct per batch for any seed below 2**32; batch
+    0 keeps ``seed`` itself, so a one-batch call samples as before per-batch seeding."""
+    return (seed + batch * 2**32) % 2**64
+
+
 @contextmanager
-def _seeded(settings: GenerationSettings, device: torch.device) -> Iterator[None]:
+def _own_rng(settings: GenerationSettings, device: torch.device) -> Iterator[None]:
+    """Sampling reseeds the RNG per batch; fork it so the caller's streams are untouched."""
     if not settings.sampling:
         yield
         return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         yield
 
 
@@ -251,21 +263,26 @@ def _generate_batch(lm: LoadedModel, rows: list[list[int]], config,
 
 def generate(lm: LoadedModel, prompts: Sequence[str],
              settings: GenerationSettings = GenerationSettings(), *,
-             progress: Progress = SILENT, desc: str = "generate") -> list[Generation]:
-    """Continue every prompt (see the module docstring); results in input order."""
+             progress: Progress = SILENT, desc: str = "generate",
+             here: World | None = None) -> list[Generation]:
+    """Continue every prompt (see the module docstring); results in input order.
+
+    here: share the batches among this world's processes (:mod:`mmie.sharded`); every process
+        must call it with the same prompts and gets every result. None: all batches here.
+    """
     if not prompts:
         return []
     encoded = encode_prompts(lm, prompts, settings.max_prompt_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    chunks = list(batched(order, settings.batch_size))
     config = generation_config(lm, settings)
-    results: list[Generation | None] = [None] * len(prompts)
-    with _seeded(settings, lm.device):
-        for chunk in progress.track(chunks, total=len(chunks), desc=desc):
-            batch = _generate_batch(lm, [encoded[i] for i in chunk], config, settings)
-            for i, generation in zip(chunk, batch, strict=True):
-                results[i] = generation
-    return results  # type: ignore[return-value]  # every slot was filled above
+
+    def run(number: int, chunk: list[int]) -> list[Generation]:
+        if settings.sampling:
+            torch.manual_seed(batch_seed(settings.seed, number))
+        return _generate_batch(lm, [encoded[i] for i in chunk], config, settings)
+
+    plan = length_batches([len(ids) for ids in encoded], settings.batch_size)
+    with _own_rng(settings, lm.device):
+        return map_batches(plan, run, len(prompts), here=here, progress=progress, desc=desc)
 
 
 # --- teacher-forced scoring -------------------------------------------------------------------
@@ -349,17 +366,14 @@ def _score_batch(lm: LoadedModel, items: Sequence[ScoreItem], chunk: int) -> lis
 
 
 def score(lm: LoadedModel, items: Sequence[ScoreItem], *, batch_size: int = 16,
-          chunk_tokens: int = 128, progress: Progress = SILENT,
-          desc: str = "score") -> list[TokenScores]:
-    """Per-token scores of every item, in input order (no grad, padding masked)."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-    chunks = list(batched(order, batch_size))
-    results: list[TokenScores | None] = [None] * len(items)
-    for chunk in progress.track(chunks, total=len(chunks), desc=desc):
-        batch = _score_batch(lm, [items[i] for i in chunk], chunk_tokens)
-        for i, scores in zip(chunk, batch, strict=True):
-            results[i] = scores
-    return results  # type: ignore[return-value]  # every slot was filled above
+          chunk_tokens: int = 128, progress: Progress = SILENT, desc: str = "score",
+          here: World | None = None) -> list[TokenScores]:
+    """Per-token scores of every item, in input order (no grad, padding masked); ``here`` as
+    in :func:`generate`."""
+    plan = length_batches([len(item.ids) for item in items], batch_size)
+    return map_batches(plan, lambda _, chunk: _score_batch(lm, [items[i] for i in chunk],
+                                                             chunk_tokens),
+                       len(items), here=here, progress=progress, desc=desc)
 
 
 def text_items(lm: LoadedModel, texts: Sequence[str], max_length: int) -> list[ScoreItem]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmie import evaluate
+from mmie import eval_pass, evaluate
 from mmie.artifacts import load, save
 from mmie.cli import app
 from mmie.errors import DataError, MetricError
@@ -142,7 +142,7 @@ def test_baseline_ratio_is_one_for_the_same_model(files, full_eval, tmp_path):
 def test_empty_forget_file_fails_before_model_load(files, tmp_path, monkeypatch):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")
-    monkeypatch.setattr(evaluate, "loaded", lambda spec: pytest.fail("model was loaded"))
+    monkeypatch.setattr(eval_pass, "loaded", lambda spec: pytest.fail("model was loaded"))
     with pytest.raises(DataError, match="no non-empty texts"):
         run(_config(files, forget=str(empty)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -173,7 +173,7 @@ def test_scrub_arm_records_what_was_applied(files, full_eval, scrub_artifact, tm
 
 def test_hooks_removed_after_an_error_mid_run(files, scrub_artifact, tmp_path, monkeypatch):
     seen = {}
-    real_loaded = evaluate.loaded
+    real_loaded = eval_pass.loaded
 
     @contextmanager
     def spying_loaded(spec):
@@ -185,8 +185,8 @@ def test_hooks_removed_after_an_error_mid_run(files, scrub_artifact, tmp_path, m
         seen["hooks"] = sum(len(b._forward_hooks) for b in lm.blocks)
         raise RuntimeError("metric exploded")
 
-    monkeypatch.setattr(evaluate, "loaded", spying_loaded)
-    monkeypatch.setattr(evaluate, "score", broken_score)
+    monkeypatch.setattr(eval_pass, "loaded", spying_loaded)
+    monkeypatch.setattr(eval_pass, "score", broken_score)
     with pytest.raises(RuntimeError, match="metric exploded"):
         run(_config(files, scrub=str(scrub_artifact)), tmp_path / "out")
     assert seen["hooks"] == 2                        # the scrub was attached when it failed
@@ -205,7 +205,7 @@ def test_fluency_second_pass_matches_recorded_scores(files, full_eval, tmp_path,
 
     scrub = tmp_path / "scrub"
     save(scrub, "scrub", tensors={}, config={}, model=None)
-    monkeypatch.setattr(evaluate, "interventions", identity_interventions)
+    monkeypatch.setattr(eval_pass, "interventions", identity_interventions)
     art = run(_config(files, scrub=str(scrub)), tmp_path / "arm")
     assert art.config["arm"] == "base+scrub" and art.config["interventions"] == {"identity": True}
     base = {(r["set"], r["idx"]): r for r in load(full_eval).read_jsonl("samples.jsonl")}

@@ -26,6 +26,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.distributed import world
 
 SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
                ("degenerate_rate", "degenerate"), ("fluency_nll", "fluency NLL"),
@@ -128,7 +129,12 @@ def evaluate_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure what a model (or an arm) still says, in which language, and at what cost."""
+    """Measure what a model (or an arm) still says, in which language, and at what cost.
+
+    Shards across processes under `torchrun --nproc_per_node N -m mmie evaluate ...` or
+    `accelerate launch --multi_gpu --num_processes N -m mmie evaluate ...`, with the same
+    output as one.
+    """
     from mmie.evaluate import EvalConfig, run
 
     pairs = parse_pairs(xlang or [], "--xlang")
@@ -148,6 +154,8 @@ def evaluate_cmd(
         return run(config, Path(out), force=force, progress=progress())
 
     artifact = run_guarded(body)
+    if not world().main:  # under a launcher rank 0 reports for every process
+        return
     metrics, arm_name = artifact.metrics, artifact.config["arm"]
     sets = sorted({key.split(".")[0] for key in metrics if key.endswith(".forget_rate")},
                   key=lambda s: (s not in ("forget", "retain"), s))
