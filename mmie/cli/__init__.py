@@ -46,6 +46,9 @@ def _main(
     STATE.verbose, STATE.quiet = verbose, quiet
     if not world().main:  # under torchrun / accelerate launch only rank 0 reports progress
         STATE.quiet = True
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bar of every other rank
     import logging
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
