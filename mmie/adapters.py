@@ -304,7 +304,7 @@ class ReftAdapter(Adapter):
     def create(cls, lm: LoadedModel, spec: AdapterSpec) -> ReftAdapter:
         check_layers(lm, spec.layers)
         config, d = spec.reft_config(), lm.identity.d_model
-        modules = nn.ModuleDict({f"layer{i}": build_intervention(config, d).to(_block_device(lm, i))
+        modules = nn.ModuleDict({f"layer{i}": build_intervention(config, d).to(lm.block_device(i))
                                  for i in spec.layers})
         return cls(lm, spec, modules.eval())
 
@@ -339,10 +339,6 @@ class ReftAdapter(Adapter):
 def reft_shapes(lm: LoadedModel, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
     per_layer = intervention_shapes(spec.reft_config(), lm.identity.d_model)
     return {f"layer{i}.{k}": tuple(v) for i in spec.layers for k, v in per_layer.items()}
-
-
-def _block_device(lm: LoadedModel, layer: int) -> torch.device:
-    return next(lm.blocks[layer].parameters()).device
 
 
 def _edit_fn(module: nn.Module, gates: dict[int, Tensor], layer: int) -> Callable:

@@ -1,5 +1,10 @@
 """Forward hooks on decoder blocks, always removed, always on the block's own device.
 
+On a model split by accelerate (``device_map``) a block's parameters may sit on ``meta`` or
+the CPU outside its forward; hooks therefore take the device from the activation they get
+(``output.device``), and whatever they build for a block goes to
+:meth:`mmie.models.LoadedModel.block_device`, never to a parameter's device.
+
 Decoder blocks return either a tensor (Gemma 3 in transformers 5) or a tuple whose first item
 is the hidden state (older layouts, GPT-2). :func:`block_hidden` and :func:`with_block_hidden`
 hide that difference so edits work on every architecture.
@@ -60,7 +65,8 @@ def _editor(fn: HiddenFn) -> Callable:
     def hook(module, args, output):
         del module, args
         hidden = block_hidden(output)
-        return with_block_hidden(output, fn(hidden))
+        # on a split model the next block may expect the state where this one left it
+        return with_block_hidden(output, fn(hidden).to(hidden.device))
 
     return hook
 

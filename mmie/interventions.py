@@ -85,7 +85,7 @@ def load_saes(path: Path, lm: LoadedModel) -> tuple[Artifact, dict[int, tuple]]:
         if not ids:
             continue
         layer, stem = int(key), f"layer{int(key)}"
-        sae = build_sae(cfg, device=next(lm.blocks[layer].parameters()).device).eval()
+        sae = build_sae(cfg, device=lm.block_device(layer)).eval()
         found = {k: tuple(v["shape"]) for k, v in artifact.manifest["tensors"].get(stem,
                                                                                    {}).items()}
         check_names_shapes(f"{path}/{stem}.safetensors", found,
@@ -106,14 +106,15 @@ def sae_gate_fn(sae: SparseAutoencoder, features: Sequence[int], strength: float
     decoder, scale = sae.W_dec.detach()[ids], 1.0 - strength
 
     def gate(hidden: Tensor) -> Tensor:
+        # the SAE stays where it was built; the edit goes back to wherever this hidden state is
         with torch.no_grad():
-            vals, idx = sae.encode(hidden.to(sae.W_dec.dtype))
+            vals, idx = sae.encode(hidden.to(sae.W_dec.device, sae.W_dec.dtype))
             pos = column[idx]
             coeff = torch.where(pos >= 0, vals, torch.zeros_like(vals)) * scale
             dense = coeff.new_zeros((*coeff.shape[:-1], len(ids)))
             dense.scatter_add_(-1, pos.clamp(min=0), coeff)
             removed = dense @ decoder
-        return hidden - removed.to(hidden.dtype)
+        return hidden - removed.to(hidden.device, hidden.dtype)
 
     return gate
 
@@ -207,8 +208,10 @@ def scrub_fn(v: Tensor, w: Tensor, mu: Tensor) -> Callable:
     bias = float(w.double() @ mu.double())
 
     def scrub(hidden: Tensor) -> Tensor:
-        read = hidden.to(w.dtype) @ w - bias
-        return hidden - (read[..., None] * v).to(hidden.dtype)
+        # the vectors follow the hidden state (a no-op when already there): a hook never
+        # relies on the device it was built for
+        read = hidden.to(w.dtype) @ w.to(hidden.device) - bias
+        return hidden - (read[..., None] * v.to(hidden.device)).to(hidden.dtype)
 
     return scrub
 
@@ -224,10 +227,8 @@ def scrub_attached(lm: LoadedModel, path: Path) -> Iterator[dict]:
     check_names_shapes(f"{path}/scrub.safetensors", found,
                        {f"layer{i}.{k}": (d,) for i in layers for k in ("v", "w", "mu")})
     t = artifact.tensors("scrub")
-    fns = {}
-    for i in layers:
-        device = next(lm.blocks[i].parameters()).device
-        fns[i] = scrub_fn(*(t[f"layer{i}.{k}"].to(device) for k in ("v", "w", "mu")))
+    fns = {i: scrub_fn(*(t[f"layer{i}.{k}"].to(lm.block_device(i)) for k in ("v", "w", "mu")))
+           for i in layers}
     with edit_blocks(lm.blocks, fns):
         yield {"path": str(path), "sha256": content_hash(path), "layers": layers,
                "whiten": bool(artifact.config.get("whiten")), "arm": "scrub"}

@@ -102,6 +102,8 @@ def _from_pretrained_kwargs(spec) -> dict:
     kwargs: dict = {"dtype": spec.torch_dtype()}
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
+        kwargs["max_memory"] = spec.memory_limits()
+        kwargs["offload_folder"] = spec.offload_dir
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.load_in_8bit:
@@ -223,8 +225,47 @@ def load_tiny(source: Source, spec):
     from mmie.tiny import build_tiny
 
     model, tokenizer, fingerprint = build_tiny(source.location)
-    model.to(spec.torch_device(), dtype=spec.torch_dtype())
+    if spec.device_map:
+        dispatch_built(model.to(dtype=spec.torch_dtype()), spec)
+    else:
+        model.to(spec.torch_device(), dtype=spec.torch_dtype())
     return model, tokenizer, fingerprint
+
+
+def dispatch_built(model, spec) -> dict:
+    """Split a model built in memory the way ``from_pretrained(device_map=...)`` splits one.
+
+    Same steps as transformers: balance the memory caps (unless 'sequential'), infer a map of
+    whole decoder blocks, dispatch with accelerate. Blocks placed on 'cpu' next to a GPU, or on
+    'disk', are offloaded: their weights leave the module and come back for each forward.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import (
+        extract_submodules_state_dict,
+        get_balanced_memory,
+        get_max_memory,
+        offload_state_dict,
+    )
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    limits = spec.memory_limits()
+    if spec.device_map == "sequential":
+        limits = get_max_memory(limits)
+    else:
+        limits = get_balanced_memory(model, limits, no_split_module_classes=no_split,
+                                     low_zero=spec.device_map == "balanced_low_0")
+    device_map = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split)
+    disk = [name for name, where in device_map.items() if where == "disk"]
+    if disk and not spec.offload_dir:
+        raise ModelError(f"the model does not fit in max_memory {dict(spec.max_memory or {})}; "
+                         "give more memory, or an offload folder for the blocks that go to disk")
+    if disk:  # always rewritten: dispatch_model would silently reuse another model's files
+        offload_state_dict(spec.offload_dir, extract_submodules_state_dict(model.state_dict(),
+                                                                           disk))
+    dispatch_model(model, device_map, offload_dir=spec.offload_dir,
+                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
+    model.hf_device_map = device_map
+    return device_map
 
 
 SOURCES: dict[str, Callable] = {

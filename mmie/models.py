@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +25,9 @@ from mmie.model_sources import SOURCES, resolve_source
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The automatic placements transformers' from_pretrained accepts for device_map.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+MEMORY_DEVICES = ("cpu", "disk", "mps")  # besides GPU indices
 
 # Where the decoder blocks live, by architecture family; tried in order.
 BLOCK_PATHS = (
@@ -46,7 +49,12 @@ class ModelSpec:
         tiny:llama / tiny:qwen2 / tiny:gemma3 (random weights, for tests).
     device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.
     dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
-    device_map: None, or 'auto' to split a large model over the available devices.
+    device_map: None, or auto / balanced / balanced_low_0 / sequential to split a large model
+        over the available devices (accelerate places whole decoder blocks; blocks that do not
+        fit are offloaded to CPU or disk and computed on the main device).
+    max_memory: per-device cap for device_map, e.g. ``{"0": "2GiB", "cpu": "20GiB"}`` (GPU
+        index, cpu, disk or mps -> size with a unit, or bytes); see :func:`parse_max_memory`.
+    offload_dir: folder for blocks offloaded to disk (needed only when they do not fit).
     attn_implementation: None lets transformers choose; a failing choice falls back to eager.
     load_in_8bit: 8-bit weights through bitsandbytes (optional extra 'gpu').
     blocks_path: dotted path of the decoder-block ModuleList for unknown architectures.
@@ -56,6 +64,8 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None
+    max_memory: Mapping[str, str] | None = None
+    offload_dir: str | None = None
     attn_implementation: str | None = None
     load_in_8bit: bool = False
     blocks_path: str | None = None
@@ -67,8 +77,20 @@ class ModelSpec:
             raise ValueError(f"dtype '{self.dtype}' not in auto, {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device '{self.device}' not in auto, cpu, cuda, cuda:N")
-        if self.device_map not in (None, "auto"):
-            raise ValueError(f"device_map '{self.device_map}' must be 'auto' or unset")
+        if self.device_map not in (None, *DEVICE_MAPS):
+            raise ValueError(f"device_map '{self.device_map}' not in {', '.join(DEVICE_MAPS)}")
+        if (self.max_memory or self.offload_dir) and not self.device_map:
+            raise ValueError("max_memory and offload_dir need a device_map "
+                             f"({', '.join(DEVICE_MAPS)})")
+        if self.max_memory is not None:
+            check_max_memory(self.max_memory)
+
+    def memory_limits(self) -> dict[int | str, str | int] | None:
+        """max_memory as accelerate wants it: GPU indices as ints, plain byte counts as ints."""
+        if not self.max_memory:
+            return None
+        return {int(k) if k.isdigit() else k: int(v) if v.isdigit() else v
+                for k, v in self.max_memory.items()}
 
     def torch_device(self) -> torch.device:
         """The device to load on; under a launcher each process takes its own GPU."""
@@ -102,6 +124,10 @@ class LoadedModel:
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    def block_device(self, layer: int) -> torch.device:
+        """Where decoder block ``layer`` computes: SAEs, probes and edits for it go there."""
+        return module_device(self.blocks[layer], default=self.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -149,9 +175,86 @@ def lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device accelerate's dispatch hook gives ``module``, if it has one."""
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        device = getattr(part, "execution_device", None)
+        if device is not None:
+            return torch.device(device)  # an int means that CUDA device
+    return None
+
+
+def module_device(module: nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where ``module`` computes, also when accelerate split or offloaded the model.
+
+    An offloaded module's parameters sit on ``meta`` (or on the CPU while it computes on a GPU)
+    outside its forward, so the parameters' device is not trusted: the first dispatch hook on
+    the module or a submodule decides, then the first non-meta tensor, then ``default``.
+    """
+    for sub in module.modules():
+        if (device := hook_device(sub)) is not None:
+            return device
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    if default is None:
+        raise ModelError(f"cannot tell where {type(module).__name__} computes: no dispatch hook "
+                         "and no materialised parameters")
+    return default
+
+
+@contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside, an offloaded module's own weights are real tensors on its execution device.
+
+    Code that reads a module's weights instead of calling it (the LM head's matrix for chunked
+    log-probs) bypasses accelerate's hook and would see ``meta``; this runs the hook's loading
+    step for the block and puts the weights back on exit. A no-op for modules not offloaded.
+    """
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield module
+
+
 def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must go: the device of the input embeddings (works for split models)."""
-    return unwrap(model).get_input_embeddings().weight.device
+    """Where input ids must go: where the input embeddings compute (works for split models)."""
+    return module_device(unwrap(model).get_input_embeddings())
+
+
+def parse_max_memory(text: str) -> dict[str, str]:
+    """``'0=2GiB,cpu=20GiB'`` -> ``{'0': '2GiB', 'cpu': '20GiB'}``, checked (ValueError)."""
+    limits: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, sep, size = (x.strip() for x in item.partition("="))
+        if not sep or not device or not size:
+            raise ValueError(f"max memory '{item}' is not DEVICE=SIZE (e.g. 0=2GiB,cpu=20GiB)")
+        device = device.lower().removeprefix("cuda:")
+        if device in limits:
+            raise ValueError(f"max memory names device '{device}' twice")
+        limits[device] = size
+    if not limits:
+        raise ValueError("max memory is empty; expected DEVICE=SIZE pairs like 0=2GiB,cpu=20GiB")
+    check_max_memory(limits)
+    return limits
+
+
+def check_max_memory(limits: Mapping[str, str]) -> None:
+    from accelerate.utils import convert_file_size_to_int
+
+    for device, size in limits.items():
+        if not (str(device).isdigit() or device in MEMORY_DEVICES):
+            raise ValueError(f"max memory device '{device}' is not a GPU index or one of "
+                             f"{', '.join(MEMORY_DEVICES)}")
+        size = str(size)
+        try:
+            ok = size.isdigit() or convert_file_size_to_int(size) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"max memory size '{size}' for '{device}' is not bytes or a size "
+                             "in KB, MB, GB, KiB, MiB or GiB (e.g. 2GiB, 500MB)")
 
 
 def d_model_of(config) -> int:

@@ -131,7 +131,25 @@ ModelOpt = Annotated[str, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceMapOpt = Annotated[str | None, typer.Option(
-    "--device-map", help="'auto' splits a large model over the available devices.")]
+    "--device-map", help="auto, balanced, balanced_low_0 or sequential: split a large model "
+                         "over the available devices (blocks that do not fit are offloaded).")]
+
+
+def _check_max_memory(value: str | None) -> str | None:
+    from mmie.models import parse_max_memory
+
+    if value is not None:
+        try:
+            parse_max_memory(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    "--max-memory", callback=_check_max_memory,
+    help="Memory cap per device for --device-map, e.g. 0=2GiB,cpu=20GiB (GPU index, cpu, "
+         "disk or mps = size).")]
 BlocksPathOpt = Annotated[str | None, typer.Option(
     "--blocks-path", help="Dotted path of the decoder-block list, for unknown architectures.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write.")]
@@ -141,9 +159,11 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 
 
 def model_spec(model: str, device: str = "auto", dtype: str = "auto",
-               device_map: str | None = None, blocks_path: str | None = None):
-    """Build a :class:`mmie.models.ModelSpec` from the shared options."""
-    from mmie.models import ModelSpec
+               device_map: str | None = None, blocks_path: str | None = None,
+               max_memory: str | None = None):
+    """Build a :class:`mmie.models.ModelSpec` from the shared options (ValueError if invalid)."""
+    from mmie.models import ModelSpec, parse_max_memory
 
+    limits = parse_max_memory(max_memory) if max_memory is not None else None
     return ModelSpec(name=model, device=device, dtype=dtype, device_map=device_map,
-                     blocks_path=blocks_path)
+                     max_memory=limits, blocks_path=blocks_path)

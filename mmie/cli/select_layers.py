@@ -16,6 +16,7 @@ from mmie.cli.common import (
     DtypeOpt,
     ForceOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     SeedOpt,
@@ -101,6 +102,7 @@ def select_layers_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     blocks_path: BlocksPathOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -115,7 +117,8 @@ def select_layers_cmd(
             forget=forget, retain=retain, field=field, langs=langs, top_k=top_k,
             strategy=strategy, include_last=include_last, max_samples=max_samples,
             max_length=max_length, batch_size=batch_size, folds=folds, seed=seed,
-            pairing=pairing, model=model_spec(model, device, dtype, device_map, blocks_path))
+            pairing=pairing,
+            model=model_spec(model, device, dtype, device_map, blocks_path, max_memory))
         return run(config, Path(out), force=force, progress=progress())
 
     artifact = run_guarded(body)

@@ -11,10 +11,12 @@ from rich.table import Table
 from mmie.cli.app import app
 from mmie.cli.common import (
     BlocksPathOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     SeedOpt,
@@ -105,6 +107,8 @@ def train_sae_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     blocks_path: BlocksPathOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -121,7 +125,7 @@ def train_sae_cmd(
     def body():
         config = TrainSaeConfig(
             forget=forget, retain=retain, general=general, field=field,
-            model=model_spec(model, device, dtype, None, blocks_path),
+            model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
             layers=tuple(layer or ()), layers_artifact=str(layers) if layers else None,
             expansion=expansion, k=k, arch=arch, tokens=tokens, lr=lr,
             batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, warmup_steps=warmup_steps,
