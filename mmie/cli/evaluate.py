@@ -16,6 +16,7 @@ from mmie.cli.common import (
     DtypeOpt,
     ForceOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     SeedOpt,
@@ -125,6 +126,7 @@ def evaluate_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     blocks_path: BlocksPathOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -141,8 +143,9 @@ def evaluate_cmd(
 
     def body():
         config = EvalConfig(
-            model=model_spec(model, device, dtype, device_map, blocks_path), forget=forget,
-            retain=retain, xlang=pairs, romanized=romanized, mixed=mixed, adversarial=adversarial,
+            model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
+            forget=forget, retain=retain, xlang=pairs, romanized=romanized, mixed=mixed,
+            adversarial=adversarial,
             forget_train=forget_train, layers=layers, baseline=baseline, adapter=adapter,
             sae=sae, sae_gate=sae_gate, gate_strength=gate_strength, scrub=script_scrub, arm=arm,
             n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

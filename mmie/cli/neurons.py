@@ -16,6 +16,7 @@ from mmie.cli.common import (
     DtypeOpt,
     ForceOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     SeedOpt,
@@ -105,6 +106,7 @@ def score_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     blocks_path: BlocksPathOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -114,7 +116,8 @@ def score_cmd(
 
     langs, chosen = parse_pairs(lang, "--lang"), parse_layers(layers)
     artifact = run_guarded(lambda: run_score(ScoreConfig(
-        model=model_spec(model, device, dtype, device_map, blocks_path), data=data, field=field,
+        model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
+        data=data, field=field,
         langs=langs, adapter=adapter, layers=chosen, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, seed=seed), out_dir, force=force,
         progress=progress()))
@@ -204,6 +207,7 @@ def finetune_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     blocks_path: BlocksPathOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -214,7 +218,8 @@ def finetune_cmd(
     modules = tuple(t.strip() for t in target_modules.split(",") if t.strip())
     lora_l, train_l = parse_layers(lora_layers), parse_layers(train_layers, "--train-layers")
     artifact = run_guarded(lambda: run_finetune(FinetuneConfig(
-        model=model_spec(model, device, dtype, device_map, blocks_path), neurons=neurons,
+        model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
+        neurons=neurons,
         data=data, field=field, lora=lora, rank=rank, alpha=alpha, target_modules=modules,
         lora_layers=lora_l, train_layers=train_l, epochs=epochs, steps=steps, lr=lr,
         batch_size=batch_size, max_length=max_length, max_samples=max_samples, seed=seed),
@@ -290,6 +295,7 @@ def ablate_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     blocks_path: BlocksPathOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -298,7 +304,8 @@ def ablate_cmd(
     from mmie.neurons import AblateConfig, run_ablate
 
     artifact = run_guarded(lambda: run_ablate(AblateConfig(
-        model=model_spec(model, device, dtype, device_map, blocks_path), neurons=neurons,
+        model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
+        neurons=neurons,
         scale=scale, prompts=tuple(prompt or ()), max_new_tokens=max_new_tokens, data=data,
         field=field, max_samples=max_samples, max_length=max_length), out_dir, force=force))
     m = artifact.metrics
