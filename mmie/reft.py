@@ -283,11 +283,18 @@ def gate_loss(sigma_forget: Tensor, sigma_retain: Tensor) -> Tensor:
     Each side is averaged over its own tokens before the two are added, so the balance does not
     depend on how many tokens of each kind a batch holds.
     """
+    on, off = gate_terms(sigma_forget, sigma_retain)
+    return on + off
+
+
+def gate_terms(sigma_forget: Tensor, sigma_retain: Tensor) -> tuple[Tensor, Tensor]:
+    """The two halves of :func:`gate_loss`: mean BCE on forget tokens, mean BCE on retain ones
+    (apart, so data-parallel training can weight each by its own token count)."""
     if sigma_forget.numel() == 0 or sigma_retain.numel() == 0:
         raise ValueError("gate_loss needs at least one forget and one retain token")
     on = F.binary_cross_entropy(sigma_forget, torch.ones_like(sigma_forget))
     off = F.binary_cross_entropy(sigma_retain, torch.zeros_like(sigma_retain))
-    return on + off
+    return on, off
 
 
 def build_intervention(config: ReftConfig, d_model: int) -> nn.Module:

@@ -25,7 +25,8 @@ from mmie.models import ModelSpec, get_decoder, loaded
 from mmie.objectives import GradientAscent
 from mmie.progress import Progress, Task
 from mmie.unlearn import UnlearnConfig, checkpoint_dir, run, run_seeds
-from mmie.unlearn_train import References, TrainingDiverged, build_schedule, curriculum_order
+from mmie.unlearn_data import References, build_schedule, curriculum_order
+from mmie.unlearn_train import TrainingDiverged
 from tests.conftest import EN, HI, write_jsonl
 
 UR = ["میں آج بازار جا رہا ہوں", "یہ کتاب بہت اچھی ہے", "بارش کے بعد موسم ٹھنڈا ہو گیا",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.distributed import world
 
 
 def _pairs(items: list[str] | None, what: str) -> tuple[tuple[str, str], ...]:
@@ -105,7 +107,9 @@ def unlearn_cmd(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 30,
     lr: Annotated[float | None, typer.Option(
         help="AdamW learning rate (default 5e-4 for LoRA, 2e-3 for ReFT).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Texts per forget (and retain) batch.")] = 4,
+    batch_size: Annotated[int, typer.Option(
+        help="Texts per forget (and retain) batch; under a launcher the global batch, split "
+             "evenly over the processes.")] = 4,
     max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 64,
     rank: Annotated[int | None, typer.Option(help="LoRA / ReFT rank (default 8 / 4).")] = None,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 16.0,
@@ -141,6 +145,8 @@ def unlearn_cmd(
 
     Each seed writes an 'adapter' artifact (OUT, or OUT/seed{N} with several seeds) holding
     the adapter weights, every setting, the base model's identity and the training curve.
+    Data-parallel under torchrun / accelerate launch: --batch-size is the global batch, split
+    evenly over the processes; only rank 0 prints and writes.
     """
     from mmie.adapters import LORA_TARGETS
     from mmie.unlearn import UnlearnConfig, run_seeds
@@ -160,7 +166,12 @@ def unlearn_cmd(
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 
+    here = world()
+    if not here.main:  # rank 0 shows the same warnings and the result, once
+        warnings.simplefilter("ignore")
     summaries = [describe(a) for a in run_guarded(body)]
+    if not here.main:
+        return
     if json_out:
         emit_json(summaries)
     else:
