@@ -6,21 +6,28 @@ unit-norm rows, ``b_dec [d_model]`` (plus a scalar ``threshold`` for BatchTopK /
 
 Training never builds the dense ``[tokens, n_latents]`` code. The encoder's dense matmul runs
 without autograd and only picks latents; the picked activations, the decoder and every gradient
-then touch only the ``tokens x k`` selected entries (segment sums via ``embedding_bag``).
-The naive dense step is kept as :func:`dense_topk_reference` for benchmarks.
+then touch only the ``tokens x k`` selected entries (:mod:`mmie.sae_kernels`).
+
+``forward`` and ``observe`` take an optional :class:`~mmie.sae_shard.BatchShard`: under a
+launcher a process holds only its rows of the batch, and the shard supplies what must come from
+the whole batch (the FVU denominator, BatchTopK's cut, firing counts), so a data-parallel step
+equals the single-process one. Optimisers, the training step and held-out metrics live in
+:mod:`mmie.sae_optim` (also importable from here).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mmie.sae_kernels import SparseEncode, segment_sum, token_ids
+from mmie.sae_shard import BatchShard
 
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
@@ -134,51 +141,6 @@ B_DEC_INITS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-# --------------------------------------------------------------------------- sparse kernels
-def _segment_sum(group: Tensor, gather: Tensor, weights: Tensor, table: Tensor,
-                 n_groups: int) -> Tensor:
-    """``out[g] = sum(weights[e] * table[gather[e]] for e with group[e] == g)``, ``[n_groups, d]``.
-
-    ``embedding_bag`` reads the gathered rows without materialising ``[entries, d]``; it is the
-    sparse decoder (its own backward is sparse too) and the sparse encoder-weight gradient.
-    Measured on CPU it matches or beats gathering rows and a ``bmm`` (see bench/bench_sae.py).
-    """
-    order = group.argsort()
-    counts = torch.bincount(group, minlength=n_groups)
-    offsets = counts.cumsum(0) - counts
-    return F.embedding_bag(gather[order], table, offsets, mode="sum",
-                           per_sample_weights=weights[order].to(table.dtype))
-
-
-class _SparseEncode(torch.autograd.Function):
-    """Gather ``pre[tok, col]`` (ReLU'd pre-activations) with gradients for the picked entries."""
-
-    @staticmethod
-    def forward(ctx, pre, tok, col, x, b_dec, w_enc, b_enc):
-        out = pre[tok, col]
-        ctx.save_for_backward(tok, col, x, b_dec, w_enc, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        tok, col, x, b_dec, w_enc, out = ctx.saved_tensors
-        n_latents = w_enc.shape[1]
-        with torch.autocast(grad.device.type, enabled=False):
-            g = grad.to(w_enc.dtype) * (out > 0)
-            g_b_enc = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, col, g)
-            g_w_enc = _segment_sum(col, tok, g, x.to(w_enc.dtype) - b_dec, n_latents).t()
-            g_x = None
-            if ctx.needs_input_grad[3]:
-                g_x = _segment_sum(tok, col, g, w_enc.t().contiguous(), x.shape[0])
-            # sum over tokens of dL/d(x - b_dec) is W_enc @ g_b_enc: no [tokens, d] needed.
-            g_b_dec = -g_x.sum(0) if g_x is not None else -(w_enc @ g_b_enc)
-        return None, None, None, g_x, g_b_dec, g_w_enc, g_b_enc
-
-
-def _token_ids(idx: Tensor) -> Tensor:
-    return torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-
-
 # --------------------------------------------------------------------------- modules
 @dataclass(frozen=True)
 class SaeOutput:
@@ -217,7 +179,7 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("_bounds", torch.tensor(self.prefixes[:-1], dtype=torch.long,
                                                      device=device), persistent=False)
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _select(self, pre: Tensor, shard: BatchShard) -> tuple[Tensor, Tensor | None]:
         """Latents to fire from ReLU'd pre-activations: ``idx [tokens, width]``, keep mask."""
         raise NotImplementedError
 
@@ -231,7 +193,7 @@ class SparseAutoencoder(nn.Module):
         return torch.addmm(self.b_enc, x2 - self.b_dec, self.W_enc).relu_()
 
     def _gather(self, pre: Tensor, x2: Tensor, idx: Tensor) -> Tensor:
-        flat = _SparseEncode.apply(pre, _token_ids(idx).reshape(-1), idx.reshape(-1), x2,
+        flat = SparseEncode.apply(pre, token_ids(idx).reshape(-1), idx.reshape(-1), x2,
                                    self.b_dec, self.W_enc, self.b_enc)
         return flat.view(idx.shape)
 
@@ -239,7 +201,7 @@ class SparseAutoencoder(nn.Module):
         """``(values, indices)`` of the firing latents, ``[..., width]`` each."""
         x2 = self._flat(x)
         pre = self._preacts(x2)
-        idx, keep = self._select(pre)
+        idx, keep = self._select(pre, BatchShard.whole(x2))
         vals = self._gather(pre, x2, idx)
         if keep is not None:
             vals = vals * keep
@@ -249,7 +211,7 @@ class SparseAutoencoder(nn.Module):
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         """Reconstruction from ``encode``'s output, reading only the active decoder rows."""
         v2, i2 = vals.reshape(-1, vals.shape[-1]), idx.reshape(-1, idx.shape[-1])
-        out = _segment_sum(_token_ids(i2).reshape(-1), i2.reshape(-1), v2.reshape(-1),
+        out = segment_sum(token_ids(i2).reshape(-1), i2.reshape(-1), v2.reshape(-1),
                            self.W_dec, i2.shape[0])
         return (out + self.b_dec).reshape(*vals.shape[:-1], self.cfg.d_model)
 
@@ -257,30 +219,31 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction from a dense code ``z [..., n_latents]``."""
         return z @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> SaeOutput:
+    def forward(self, x: Tensor, shard: BatchShard | None = None) -> SaeOutput:
+        """Losses of the batch ``x``, or of this process's ``shard`` of a global batch."""
         x2 = self._flat(x)
         tokens = x2.shape[0]
-        _check(tokens >= 2, "an SAE batch needs at least 2 tokens to normalise the FVU")
+        shard = shard or BatchShard.whole(x2)
+        _check(shard.tokens >= 2, "an SAE batch needs at least 2 tokens to normalise the FVU")
         pre = self._preacts(x2)
-        idx, keep = self._select(pre)
+        idx, keep = self._select(pre, shard)
         aux_idx = self._aux_select(pre)
         n_groups = len(self.prefixes)
-        bags = torch.bucketize(idx, self._bounds, right=True) * tokens + _token_ids(idx)
+        bags = torch.bucketize(idx, self._bounds, right=True) * tokens + token_ids(idx)
         vals = self._gather(pre, x2, idx)
         if keep is not None:
             vals = vals * keep
         flat = [(vals, idx, bags)]
         if aux_idx is not None:  # the residual fit rides in one extra bag group
             flat.append((self._gather(pre, x2, aux_idx), aux_idx,
-                         n_groups * tokens + _token_ids(aux_idx)))
+                         n_groups * tokens + token_ids(aux_idx)))
         v, i, b = (torch.cat([part[j].reshape(-1) for part in flat]) for j in range(3))
-        decoded = _segment_sum(b, i, v, self.W_dec, (n_groups + 1) * tokens)
+        decoded = segment_sum(b, i, v, self.W_dec, (n_groups + 1) * tokens)
         decoded = decoded.view(n_groups + 1, tokens, -1)
-        return self._losses(x, x2, decoded, vals, idx, aux_idx is not None)
+        return self._losses(x, x2, decoded, vals, idx, aux_idx is not None, shard.total)
 
     def _losses(self, x: Tensor, x2: Tensor, decoded: Tensor, vals: Tensor, idx: Tensor,
-                has_aux: bool) -> SaeOutput:
-        total = (x2 - x2.mean(0)).pow(2).sum().clamp_min(1e-12)
+                has_aux: bool, total: Tensor) -> SaeOutput:
         prefix_recon = decoded[:-1].cumsum(0) + self.b_dec  # latent groups are nested prefixes
         prefix_fvu = (x2 - prefix_recon).pow(2).sum((1, 2)) / total
         recon = prefix_recon[-1]
@@ -304,11 +267,17 @@ class SparseAutoencoder(nn.Module):
         return (pre * dead).topk(min(self.cfg.auxk_k, n_dead), dim=1, sorted=False).indices
 
     @torch.no_grad()
-    def observe(self, out: SaeOutput) -> None:
-        """Update training statistics (dead-latent counters) after a training step."""
+    def observe(self, out: SaeOutput, shard: BatchShard | None = None) -> None:
+        """Update training statistics (dead-latent counters) after a training step.
+
+        With a ``shard`` the counts cover the whole batch, so every process keeps equal counters.
+        """
         fired = torch.zeros_like(self.tokens_since_fired).index_add_(
             0, out.idx.reshape(-1), (out.vals > 0).reshape(-1).long())
-        self.tokens_since_fired.add_(out.idx.shape[0]).masked_fill_(fired > 0, 0)
+        tokens = out.idx.shape[0]
+        if shard is not None:
+            fired, tokens = shard.sum_(fired), shard.tokens
+        self.tokens_since_fired.add_(tokens).masked_fill_(fired > 0, 0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -335,7 +304,7 @@ class SparseAutoencoder(nn.Module):
 class TopKSae(SparseAutoencoder):
     """Exactly ``k`` latents per token (Gao et al. 2024)."""
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _select(self, pre: Tensor, shard: BatchShard) -> tuple[Tensor, Tensor | None]:
         return pre.topk(self.cfg.k, dim=1, sorted=False).indices, None
 
 
@@ -351,28 +320,31 @@ class BatchTopKSae(SparseAutoencoder):
         super().__init__(cfg, **kwargs)
         self.register_buffer("threshold", torch.zeros((), device=self.W_enc.device))
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _select(self, pre: Tensor, shard: BatchShard) -> tuple[Tensor, Tensor | None]:
         width = min(4 * self.cfg.k, pre.shape[1])
         while True:
             # Only the per-row top ``width`` are candidates; widen while a row might hold more.
+            # Every process widens together (``any_``), as one process would for the whole batch.
             cand, idx = pre.topk(width, dim=1)
             if self.training:
-                keep_n = min(self.cfg.k * pre.shape[0], cand.numel())
-                cut = cand.flatten().topk(keep_n, sorted=False).values.min()
+                keep_n = min(self.cfg.k, width) * shard.tokens
+                cut = shard.kth_largest(cand.flatten(), keep_n)
                 keep = (cand >= cut) & (cand > 0)
             else:
                 cut = self.threshold
                 keep = cand > cut
-            if width == pre.shape[1] or not bool((cand[:, -1] > cut).any()):
+            if width == pre.shape[1] or not shard.any_((cand[:, -1] > cut).any()):
                 break
             width = min(2 * width, pre.shape[1])
         used = max(1, int(keep.sum(1).max()))  # candidates are sorted: trim the empty tail
         return idx[:, :used].contiguous(), keep[:, :used]
 
     @torch.no_grad()
-    def observe(self, out: SaeOutput) -> None:
-        super().observe(out)
+    def observe(self, out: SaeOutput, shard: BatchShard | None = None) -> None:
+        super().observe(out, shard)
         low = torch.where(out.vals > 0, out.vals, torch.inf).min().to(self.threshold.dtype)
+        if shard is not None:
+            low = shard.min_(low)
         decay = self.cfg.threshold_decay
         blended = torch.where(self.threshold > 0, decay * self.threshold + (1 - decay) * low, low)
         self.threshold.copy_(torch.where(torch.isfinite(low), blended, self.threshold))
@@ -387,102 +359,13 @@ class MatryoshkaSae(BatchTopKSae):
     """
 
 
-# --------------------------------------------------------------------------- training
-def _warmup_factor(step: int, warmup_steps: int) -> float:
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+# The training step and metrics moved to mmie.sae_optim (which imports this module); resolving
+# them lazily keeps ``from mmie.sae import train_step`` working without an import cycle.
+_IN_OPTIM = frozenset({"make_optimizer", "train_step", "dense_topk_loss", "dense_topk_reference",
+                       "metrics"})
 
 
-def make_optimizer(sae: SparseAutoencoder, lr: float, warmup_steps: int = 0
-                   ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam over the SAE's parameters with a linear learning-rate warm-up."""
-    _check(lr > 0, f"lr must be positive, got {lr}")
-    _check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
-    # The fused kernel is ~8x faster on CPU (and faster on CUDA): Adam is a large share of an
-    # SAE step once the encoder backward is sparse.
-    fused = all(p.device.type in ("cpu", "cuda") for p in sae.parameters())
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=fused)
-    schedule = partial(_warmup_factor, warmup_steps=warmup_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def _autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
-    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
-
-
-def _finish_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
-    sae.remove_parallel_grad()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    sae.normalize_decoder()
-
-
-def train_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, *,
-               autocast_dtype: torch.dtype | None = None,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
-    """One optimisation step on the batch ``x [..., d_model]``; returns its losses as floats."""
-    sae.train()
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(x.device.type, autocast_dtype):
-        out = sae(x)
-    out.loss.backward()
-    _finish_step(sae, optimizer, scheduler)
-    sae.observe(out)
-    l0 = (out.vals > 0).sum() / out.vals.shape[0]
-    stats = torch.stack([out.loss.detach(), out.fvu.detach(), out.auxk_loss.detach(),
-                         l0.float(), sae.dead_mask().float().mean()]).tolist()
-    return dict(zip(("loss", "fvu", "auxk_loss", "l0", "dead_fraction"), stats, strict=True))
-
-
-def dense_topk_loss(sae: SparseAutoencoder, x: Tensor) -> Tensor:
-    """Naive TopK FVU: scatter a dense ``[tokens, n_latents]`` code and decode by matmul."""
-    x2 = sae._flat(x)
-    pre = torch.relu((x2 - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    vals, idx = pre.topk(sae.cfg.k, dim=1, sorted=False)
-    recon = torch.zeros_like(pre).scatter(1, idx, vals) @ sae.W_dec + sae.b_dec
-    return (x2 - recon).pow(2).sum() / (x2 - x2.mean(0)).pow(2).sum()
-
-
-def dense_topk_reference(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor, *,
-                         autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One naive dense TopK training step (the benchmark baseline, no AuxK)."""
-    sae.train()
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(x.device.type, autocast_dtype):
-        loss = dense_topk_loss(sae, x)
-    loss.backward()
-    _finish_step(sae, optimizer, None)
-    return {"loss": float(loss.detach())}
-
-
-@torch.no_grad()
-def metrics(sae: SparseAutoencoder, x: Tensor, *, batch_size: int = 4096) -> dict[str, float]:
-    """Inference-mode quality of ``sae`` on ``x [..., d_model]``.
-
-    ``fvu`` is ``sum ||x - recon||^2 / sum ||x - mean(x)||^2`` over all tokens;
-    ``explained_variance`` is ``1 - sum_d Var(x - recon) / sum_d Var(x)`` (ignores a constant
-    reconstruction offset, unlike ``1 - fvu``); ``mean_l0`` counts nonzero latents per token.
-    """
-    _check(batch_size > 0 and x.numel() > 0, "metrics need a non-empty input and batch_size")
-    was_training = sae.training
-    sae.eval()
-    try:
-        parts = [_metric_sums(sae, chunk) for chunk in sae._flat(x).split(batch_size)]
-    finally:
-        sae.train(was_training)
-    sx, sxx, sr, srr, sse, l0 = (sum(column) for column in zip(*parts, strict=True))
-    n = x.numel() // x.shape[-1]
-    var_x = float((sxx - sx.pow(2) / n).sum())
-    var_r = float((srr - sr.pow(2) / n).sum())
-    _check(var_x > 0, "metrics need inputs that vary across tokens")
-    return {"fvu": float(sse) / var_x, "explained_variance": 1.0 - var_r / var_x,
-            "mean_l0": float(l0) / n, "dead_fraction": float(sae.dead_mask().float().mean())}
-
-
-def _metric_sums(sae: SparseAutoencoder, chunk: Tensor) -> list[Tensor]:
-    vals, idx = sae.encode(chunk)
-    resid = (chunk - sae.decode_sparse(vals, idx)).double()
-    c = chunk.double()
-    return [c.sum(0), c.pow(2).sum(0), resid.sum(0), resid.pow(2).sum(0), resid.pow(2).sum(),
-            (vals > 0).sum().double()]
+def __getattr__(name: str):
+    if name in _IN_OPTIM:
+        return getattr(importlib.import_module("mmie.sae_optim"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,12 @@
 """Quality of trained SAEs and their forget-language latents, measured on held-out text.
 
-Each batch of held-out texts runs through the full model (log-probs from the final hidden state,
-chunked, :mod:`mmie.losses`) three ways per layer: clean, with the layer's output replaced by
-its SAE reconstruction (:func:`mmie.hooks.edit_blocks`), and with it ablated. Only real non-BOS
+The model passes (:mod:`mmie.sae_heldout`) run each batch of held-out texts clean, with a
+layer's output replaced by its SAE reconstruction, and with it ablated. Only real non-BOS
 positions are replaced (the SAEs never saw BOS, an attention-sink outlier) and only predictions
-made at those positions count in a loss ``L`` (mean next-token NLL).
+made at those positions count in a loss ``L`` (mean next-token NLL). Under a launcher the
+processes share those passes and rank 0 alone computes what follows.
 
-Quality per layer: ``fvu``, ``explained_variance``, ``mean_l0`` (:func:`mmie.sae.metrics` over
+Quality per layer: ``fvu``, ``explained_variance``, ``mean_l0`` (:func:`mmie.sae_optim.metrics` over
 all held-out tokens), ``dead_fraction`` (latents silent for the last ``dead_after_tokens``
 training tokens), ``never_fired_heldout``, and
 ``ce_recovered = (L_ablated - L_sae) / (L_ablated - L_clean)``: 1 means splicing the SAE in costs
@@ -28,19 +28,22 @@ tokens are shown with ``window`` tokens either side, decoded, the token itself i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mmie.activations import real_token_mask, tokenize
-from mmie.data import batched
-from mmie.hooks import capture_blocks, edit_blocks
-from mmie.losses import head_params, shift_labels, token_logprobs
-from mmie.models import LoadedModel, get_decoder, unwrap
+from mmie.models import LoadedModel
 from mmie.progress import Progress
-from mmie.sae import SparseAutoencoder, metrics
+from mmie.sae import SparseAutoencoder
+from mmie.sae_heldout import (  # noqa: F401  (ABLATIONS, heldout_pass: public API here too)
+    ABLATIONS,
+    FeatureSettings,
+    HeldOut,
+    heldout_pass,
+    measure,
+)
+from mmie.sae_optim import metrics
 
 EPS = 1e-6
 ENCODE_BATCH = 4096
@@ -50,25 +53,6 @@ METHOD = ("Statistics on held-out tokens. score = selectivity * E_F[a], selectiv
           "a_j * (W_dec[j] . d log p(forget) / d h), when asked for. Contexts: the latent's "
           "strongest held-out tokens, the token in «».")
 
-# How the CE-recovered baseline replaces a layer's output ``h`` given the training mean.
-ABLATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "zero": lambda h, mean: torch.zeros_like(h),
-    "mean": lambda h, mean: mean.to(h).expand_as(h),
-}
-
-
-@dataclass(frozen=True)
-class FeatureSettings:
-    """What the held-out analysis measures; fields mirror :class:`TrainSaeConfig`'s."""
-
-    max_length: int = 128
-    batch_size: int = 8
-    ablation: str = "zero"
-    top_n: int = 20
-    n_contexts: int = 5
-    window: int = 8
-    grad_attribution: bool = False
-
 
 @dataclass
 class Analysis:
@@ -76,94 +60,6 @@ class Analysis:
     selected: dict[int, list[int]]
     tensors: dict[str, dict[str, Tensor]]
     files: dict[str, str]
-
-
-@dataclass
-class HeldOut:
-    """One held-out set: per-layer token activations, where each token sits, summed losses."""
-
-    acts: dict[int, Tensor]
-    where: Tensor                      # [m, 2]: text index, position in that text's ids
-    ids: list[list[int]]               # each text's real token ids (BOS included)
-    nll: dict[str, float] = field(default_factory=dict)
-    n_loss: int = 0
-
-
-# --------------------------------------------------------------------------- forward passes
-def _nll(lm: LoadedModel, enc: dict[str, Tensor], loss_mask: Tensor) -> Tensor:
-    """Summed next-token NLL over ``loss_mask`` (differentiable when grad is on)."""
-    device = lm.device
-    ids = enc["input_ids"].to(device)
-    out = get_decoder(lm.model)(input_ids=ids, attention_mask=enc["attention_mask"].to(device),
-                                use_cache=False)
-    labels, _ = shift_labels(ids)
-    logp = token_logprobs(out.last_hidden_state, labels=labels, mask=loss_mask.to(device),
-                          **head_params(unwrap(lm.model)))
-    return -logp.sum()
-
-
-def _masks(lm: LoadedModel, enc: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Real non-BOS positions, and those of them whose next token is real (loss positions)."""
-    mask = real_token_mask(lm, enc)
-    _, predicts = shift_labels(enc["input_ids"], enc["attention_mask"])
-    return mask, predicts & mask
-
-
-def _replace(mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def edit(h: Tensor) -> Tensor:
-        out = h.clone()
-        where = mask.to(h.device)
-        out[where] = fn(h[where]).to(h.dtype)
-        return out
-
-    return edit
-
-
-def _reconstruct(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
-    return lambda x: sae.decode_sparse(*sae.encode(x.float()))
-
-
-def _ablate(name: str, mean: Tensor) -> Callable[[Tensor], Tensor]:
-    return lambda h: ABLATIONS[name](h, mean)
-
-
-def _held_batch(lm, saes, means, texts, s: FeatureSettings, held: HeldOut, first: int) -> None:
-    enc = tokenize(lm, texts, s.max_length)
-    mask, loss_mask = _masks(lm, enc)
-    with capture_blocks(lm.blocks, sorted(saes)) as store:
-        variants = {"clean": _nll(lm, enc, loss_mask)}
-    for i in saes:
-        held.acts[i] = torch.cat([held.acts[i], store[i][mask.to(store[i].device)].float().cpu()])
-    for i, sae in saes.items():
-        with edit_blocks(lm.blocks, {i: _replace(mask, _reconstruct(sae))}):
-            variants[f"sae:{i}"] = _nll(lm, enc, loss_mask)
-        with edit_blocks(lm.blocks, {i: _replace(mask, _ablate(s.ablation, means[i]))}):
-            variants[f"ablated:{i}"] = _nll(lm, enc, loss_mask)
-    for name, value in variants.items():
-        held.nll[name] = held.nll.get(name, 0.0) + float(value)
-    held.n_loss += int(loss_mask.sum())
-    _record_positions(enc, mask, held, first)
-
-
-def _record_positions(enc: dict[str, Tensor], mask: Tensor, held: HeldOut, first: int) -> None:
-    attn = enc["attention_mask"].bool()
-    start = attn.int().argmax(1)  # left padding: the first real position of each row
-    held.ids += [row[keep].tolist() for row, keep in zip(enc["input_ids"], attn, strict=True)]
-    rows, cols = torch.nonzero(mask, as_tuple=True)  # row-major, as boolean indexing
-    where = torch.stack([rows + first, cols - start[rows]], dim=1)
-    held.where = torch.cat([held.where, where])
-
-
-@torch.no_grad()
-def heldout_pass(lm: LoadedModel, saes: dict[int, SparseAutoencoder],
-                 means: dict[int, Tensor], texts: list[str], s: FeatureSettings,
-                 progress: Progress, desc: str) -> HeldOut:
-    d = lm.identity.d_model
-    held = HeldOut({i: torch.empty(0, d) for i in saes}, torch.empty(0, 2, dtype=torch.long), [])
-    chunks = list(batched(texts, s.batch_size))
-    for n, chunk in enumerate(progress.track(chunks, total=len(chunks), desc=desc)):
-        _held_batch(lm, saes, means, list(chunk), s, held, n * s.batch_size)
-    return held
 
 
 # --------------------------------------------------------------------------- quality
@@ -308,42 +204,6 @@ def contexts(sae, held: dict[str, HeldOut], i: int, latents: list[int], tokenize
     return out
 
 
-# --------------------------------------------------------------------------- attribution
-def _grad_leaf(store: dict[int, Tensor], layer: int) -> Callable[[Tensor], Tensor]:
-    def edit(h: Tensor) -> Tensor:
-        # The first edited block starts the graph (the model's weights are frozen); later ones
-        # already depend on it and only need to keep their gradient.
-        if h.requires_grad:
-            h.retain_grad()
-        else:
-            h = h.detach().requires_grad_(True)
-        store[layer] = h
-        return h
-
-    return edit
-
-
-def attribution(lm: LoadedModel, saes: dict[int, SparseAutoencoder], texts: list[str],
-                s: FeatureSettings) -> dict[int, Tensor]:
-    """Mean over forget tokens of ``a_j * (W_dec[j] . d log p(forget) / d h)`` per latent."""
-    totals = {i: torch.zeros(sae.cfg.n_latents) for i, sae in saes.items()}
-    n_tokens = 0
-    for chunk in batched(texts, s.batch_size):
-        enc = tokenize(lm, list(chunk), s.max_length)
-        mask, loss_mask = _masks(lm, enc)
-        store: dict[int, Tensor] = {}
-        with torch.enable_grad(), edit_blocks(lm.blocks, {i: _grad_leaf(store, i) for i in saes}):
-            (-_nll(lm, enc, loss_mask)).backward()
-        for i, sae in saes.items():
-            where = mask.to(store[i].device)
-            grad, x = store[i].grad[where].float(), store[i].detach()[where].float()
-            vals, idx = sae.encode(x.to(sae.W_enc.device))
-            proj = (sae.W_dec[idx] * grad.to(sae.W_dec.device)[:, None, :]).sum(-1)
-            totals[i].index_add_(0, idx.reshape(-1).cpu(), (vals * proj).reshape(-1).cpu())
-        n_tokens += int(mask.sum())
-    return {i: t / max(n_tokens, 1) for i, t in totals.items()}
-
-
 # --------------------------------------------------------------------------- report
 def _rows(stats: dict[str, Tensor], score: Tensor, latents: list[int], attr: Tensor | None,
           ctx: dict[int, list[dict]]) -> list[dict]:
@@ -391,13 +251,18 @@ def _fmt(value) -> str:
 # --------------------------------------------------------------------------- entry point
 @torch.no_grad()
 def analyse(lm: LoadedModel, saes: dict[int, SparseAutoencoder], means: dict[int, Tensor],
-            heldout: dict[str, list[str]], s: FeatureSettings, progress: Progress) -> Analysis:
-    """Quality, latent statistics, selected forget latents and the features report."""
+            heldout: dict[str, list[str]], s: FeatureSettings, progress: Progress
+            ) -> Analysis | None:
+    """Quality, latent statistics, selected forget latents and the features report.
+
+    Under a launcher every process must call this; rank 0 gets the Analysis, the others None.
+    """
     for sae in saes.values():
         sae.eval()  # BatchTopK codes with its learned threshold at inference
-    held = {name: heldout_pass(lm, saes, means, texts, s, progress, f"held-out {name}")
-            for name, texts in heldout.items()}
-    attr = attribution(lm, saes, heldout["forget"], s) if s.grad_attribution else {}
+    measured = measure(lm, saes, means, heldout, s, progress)
+    if measured is None:
+        return None
+    held, attr = measured
     report = {"method": METHOD, "ablation": s.ablation, "layers": {},
               "n_tokens": {name: int(h.where.shape[0]) for name, h in held.items()}}
     quality_, selected, tensors = {}, {}, {}

@@ -11,6 +11,14 @@ tokenizer) must be the expected ones; a shard failing that is recomputed.
 
 :class:`TokenStream` visits the chunks epoch after epoch in a seeded order through a bounded
 shuffle buffer; its whole state is explicit so a checkpoint restores the exact stream.
+
+Which chunks a run will read depends only on their token counts, so :func:`chunks_needed`
+finds them with a dry run of the stream on empty ``[tokens, 0]`` stand-ins, and :func:`harvest`
+computes the missing ones before training: under a launcher each process computes its share
+(every ``world``-th chunk) into the shared cache folder, then all wait, and every process
+builds the same stream from the complete cache. The cache folder must therefore be visible to
+every process: on several nodes put ``--cache-dir`` on a shared filesystem (a node that cannot
+see a shard recomputes it itself, so results stay right, only slower).
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from safetensors.torch import load_file, save_file
 
 from mmie.activations import iter_batches
 from mmie.artifacts import safetensors_header, sha256_json
+from mmie.distributed import barrier, shard
 from mmie.errors import ArtifactError, DataError
 from mmie.models import LoadedModel
+from mmie.progress import Progress
 
 CACHE_FORMAT = 1
 
@@ -63,8 +73,27 @@ class ChunkStore:
         self.root, self.max_length = root, max_length
         self.hits = self.misses = 0
 
+    @property
+    def d_model(self) -> int:
+        return self.lm.identity.d_model
+
+    def _path(self, index: int) -> Path:
+        return self.root / f"chunk{index:06d}.safetensors"
+
+    def ensure(self, index: int) -> None:
+        """Compute and save chunk ``index`` unless a valid shard is already there."""
+        path = self._path(index)
+        if not self._valid(path, self.n_real[index]):
+            self._save(index, path)
+
+    def _save(self, index: int, path: Path) -> dict[int, torch.Tensor]:
+        self.misses += 1
+        acts = self._compute(index)
+        _atomic_save_file({f"L{layer}": x for layer, x in acts.items()}, path)
+        return acts
+
     def get(self, index: int) -> dict[int, torch.Tensor]:
-        path = self.root / f"chunk{index:06d}.safetensors"
+        path = self._path(index)
         if self._valid(path, self.n_real[index]):
             try:
                 stored = load_file(str(path))
@@ -72,10 +101,7 @@ class ChunkStore:
                 return {layer: stored[f"L{layer}"] for layer in self.layers}
             except SafetensorError:
                 pass  # unreadable shard: recomputed and rewritten below
-        self.misses += 1
-        acts = self._compute(index)
-        _atomic_save_file({f"L{layer}": x for layer, x in acts.items()}, path)
-        return acts
+        return self._save(index, path)
 
     def _valid(self, path: Path, n_tokens: int) -> bool:
         if not path.is_file():
@@ -134,7 +160,7 @@ class TokenStream:
         self.seed = seed
         self.epoch = self.pos = self.added = 0
         self.gen = torch.Generator().manual_seed(seed)
-        d = store.lm.identity.d_model
+        d = store.d_model
         self.pool = {layer: torch.empty(0, d) for layer in store.layers}
         self.queue = {layer: torch.empty(0, d) for layer in store.layers}
 
@@ -181,3 +207,43 @@ class TokenStream:
 
 def _rows(group: dict[int, torch.Tensor]) -> int:
     return next(iter(group.values())).shape[0]
+
+
+# --------------------------------------------------------------------------- planning
+class _Counts:
+    """A stand-in store: each chunk's real token count and no columns; records what is read."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.chunks, self.layers, self.n_real = store.chunks, store.layers, store.n_real
+        self.d_model = 0
+        self.read: list[int] = []
+
+    def get(self, index: int) -> dict[int, torch.Tensor]:
+        self.read.append(index)
+        return {layer: torch.empty(self.n_real[index], 0) for layer in self.layers}
+
+
+def chunks_needed(stream: TokenStream, batches: int) -> list[int]:
+    """Chunks the next ``batches`` batches of ``stream`` read, in first-read order.
+
+    A dry run on token counts alone: the stream's choices depend on counts, never on values.
+    """
+    counts = _Counts(stream.store)
+    dry = TokenStream(counts, stream.capacity, stream.batch_tokens, stream.seed)
+    state = stream.state_dict()
+    for part in ("pool", "queue"):
+        state[part] = {layer: x[:, :0] for layer, x in state[part].items()}
+    dry.load_state_dict(state)
+    for _ in range(batches):
+        dry.next_batch()
+    return list(dict.fromkeys(counts.read))
+
+
+def harvest(store: ChunkStore, stream: TokenStream, batches: int, progress: Progress) -> None:
+    """Fill the cache with every chunk the next ``batches`` batches need (shared by processes)."""
+    mine = shard(chunks_needed(stream, batches))
+    with progress.task("harvest activations", total=len(mine)) as task:
+        for index in mine:
+            store.ensure(index)
+            task.advance()
+    barrier()

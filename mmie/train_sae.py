@@ -10,45 +10,43 @@ training mix, whose activations come from :mod:`mmie.sae_stream` (one decoder pa
 texts for all layers, fp16 shards cached in ``cache_dir`` or a temporary folder, a bounded
 seeded shuffle buffer).
 
-Each SAE trains with Adam and a linear warm-up
-(:func:`mmie.sae.train_step`, bf16 autocast on CUDA), seeded. Every ``checkpoint_every`` steps
-SAEs, optimisers, dead-latent counters, stream position, buffer and RNG state are written
-atomically (temp file + rename) to ``checkpoint_dir`` (default: ``.<out>.checkpoint`` beside
-``out``, not inside it, because ``out`` must stay empty or an artifact until the atomic save);
-``resume`` continues from there and ends with the same weights as an uninterrupted run.
+Each SAE trains with Adam and a linear warm-up (:mod:`mmie.sae_trainer`, bf16 autocast on
+CUDA), seeded. Every ``checkpoint_every`` steps the training state is written atomically to
+``checkpoint_dir`` (default: ``.<out>.checkpoint`` beside ``out``, not inside it, because
+``out`` must stay empty or an artifact until the atomic save); ``resume`` continues from there
+and ends with the same weights as an uninterrupted run.
+
+Data-parallel: ``torchrun --nproc_per_node N -m mmie train-sae ...`` (or ``accelerate launch
+-m mmie train-sae ...``) runs one process per device. The processes share the activation
+harvest and the held-out passes, and split every global batch by rows; the SAEs go through
+accelerate's DDP (:mod:`mmie.sae_parallel`). The global batch is ``batch_tokens`` whatever
+``N``, so the run equals the single-process one up to float rounding. Rank 0 alone writes
+checkpoints and the artifact; the other processes wait and return the artifact it wrote.
+Activation cache, checkpoints and ``out`` must be visible to every process (one machine, or a
+shared filesystem across nodes).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from mmie.artifacts import Artifact, check_model, load, save, sha256_file, sha256_json
 from mmie.data import read_texts
+from mmie.distributed import barrier, ensure_group, gather, world
 from mmie.errors import ArtifactError, DataError
 from mmie.models import LoadedModel, ModelSpec, loaded, unwrap
 from mmie.progress import SILENT, Progress
-from mmie.sae import (
-    SAE_REGISTRY,
-    SaeConfig,
-    SparseAutoencoder,
-    build_sae,
-    make_optimizer,
-    train_step,
-)
+from mmie.sae import SAE_REGISTRY, SaeConfig
 from mmie.sae_export import load_sae, sae_from_artifact  # noqa: F401  (public API here too)
 from mmie.sae_features import ABLATIONS, Analysis, FeatureSettings, analyse
-from mmie.sae_stream import ChunkStore, TokenStream, cache_key, make_chunks, open_cache
-
-CHECKPOINT = "state.pt"
+from mmie.sae_parallel import replicate, shared_folder
+from mmie.sae_stream import ChunkStore, TokenStream, cache_key, harvest, make_chunks, open_cache
+from mmie.sae_trainer import Checkpoints, Trainer, new_trainer, train
 
 
 @dataclass(frozen=True)
@@ -199,119 +197,6 @@ def split_sets(c: TrainSaeConfig) -> Split:
     return Split(train, heldout, records)
 
 
-# --------------------------------------------------------------------------- training
-@dataclass
-class Trainer:
-    """Everything a run changes while it trains: what a checkpoint holds."""
-
-    layers: list[int]
-    saes: dict[int, SparseAutoencoder]
-    optimizers: dict[int, tuple]
-    stream: TokenStream
-    step: int = 0
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)
-    count: int = 0
-    log: list[dict] = field(default_factory=list)
-
-    def state_dict(self) -> dict:
-        per_layer = {str(i): {"sae": self.saes[i].state_dict(),
-                              "dead": self.saes[i].tokens_since_fired.cpu(),
-                              "opt": self.optimizers[i][0].state_dict(),
-                              "sched": self.optimizers[i][1].state_dict(),
-                              "sum": self.sums[i]} for i in self.layers}
-        return {"step": self.step, "count": self.count, "log": list(self.log),
-                "stream": self.stream.state_dict(), "layers": per_layer,
-                "rng": torch.get_rng_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.count, self.log = state["step"], state["count"], list(state["log"])
-        self.stream.load_state_dict(state["stream"])
-        torch.set_rng_state(state["rng"])
-        for i in self.layers:
-            saved = state["layers"][str(i)]
-            self.saes[i].load_state_dict(saved["sae"], strict=True)
-            self.saes[i].tokens_since_fired.copy_(saved["dead"])
-            self.optimizers[i][0].load_state_dict(saved["opt"])
-            self.optimizers[i][1].load_state_dict(saved["sched"])
-            self.sums[i] = saved["sum"]
-
-    def means(self) -> dict[int, torch.Tensor]:
-        return {i: (self.sums[i] / max(self.count, 1)).float() for i in self.layers}
-
-
-class Checkpoints:
-    """One checkpoint file, replaced atomically; refuses one written for other settings."""
-
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.folder, self.fingerprint = folder, fingerprint
-
-    def save(self, trainer: Trainer) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{CHECKPOINT}.tmp-{os.getpid()}"
-        torch.save({"fingerprint": self.fingerprint, **trainer.state_dict()}, tmp)
-        os.replace(tmp, self.folder / CHECKPOINT)
-
-    def load(self) -> dict | None:
-        path = self.folder / CHECKPOINT
-        if not path.is_file():
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
-            raise ArtifactError(f"{path}: checkpoint was written for other settings (model, "
-                                "data, layers or training options differ); drop --resume")
-        return state
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    cuda = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if cuda else None
-
-
-def new_trainer(lm: LoadedModel, layers: list[int], cfg: SaeConfig, stream: TokenStream,
-                c: TrainSaeConfig, lr: float) -> Trainer:
-    device = lm.device
-    saes = {i: build_sae(cfg, device=device,
-                         generator=torch.Generator().manual_seed(c.seed * 7 + i))
-            for i in layers}
-    optimizers = {i: make_optimizer(saes[i], lr, c.warmup_steps) for i in layers}
-    sums = {i: torch.zeros(cfg.d_model, dtype=torch.float64) for i in layers}
-    return Trainer(layers, saes, optimizers, stream, sums=sums)
-
-
-def train(trainer: Trainer, steps: int, c: TrainSaeConfig, ckpt: Checkpoints,
-          progress: Progress) -> None:
-    """Run optimisation steps until ``steps``, checkpointing every ``checkpoint_every``."""
-    device = next(iter(trainer.saes.values())).W_enc.device
-    amp = _autocast_dtype(device)
-    log_every = max(1, steps // 50)
-    with progress.task("train SAEs", total=steps) as task:
-        task.advance(trainer.step)
-        while trainer.step < steps:
-            batch = {i: x.to(device) for i, x in trainer.stream.next_batch().items()}
-            if trainer.step == 0:
-                for i, sae in trainer.saes.items():
-                    sae.init_b_dec(batch[i])
-            stats = {i: train_step(trainer.saes[i], opt, batch[i], autocast_dtype=amp,
-                                   scheduler=sched)
-                     for i, (opt, sched) in trainer.optimizers.items()}
-            for i, x in batch.items():
-                trainer.sums[i] += x.double().sum(0).cpu()
-            trainer.count += next(iter(batch.values())).shape[0]
-            trainer.step += 1
-            if trainer.step % log_every == 0 or trainer.step == steps:
-                trainer.log += [{"step": trainer.step, "layer": i, **s} for i, s in stats.items()]
-            task.advance(fvu=_mean(stats, "fvu"), l0=_mean(stats, "l0"))
-            if trainer.step % c.checkpoint_every == 0 and trainer.step < steps:
-                ckpt.save(trainer)
-
-
-def _mean(stats: dict[int, dict], key: str) -> float:
-    return sum(s[key] for s in stats.values()) / len(stats)
-
-
 # --------------------------------------------------------------------------- run
 # Settings that change what is reported, not what is trained: a checkpoint survives them.
 REPORT_ONLY = frozenset({"ablation", "top_n_features", "n_contexts", "context_window",
@@ -356,27 +241,32 @@ def train_all(lm: LoadedModel, split: Split, layers: list[int], cfg: SaeConfig,
     chunks, n_real = make_chunks(lm, split.train, c.max_length, c.batch_size)
     data = {name: r["sha256"] for name, r in split.records.items()}
     key = cache_key(lm, layers, chunks, c.max_length, data)
-    holder = (nullcontext(c.cache_dir) if c.cache_dir
-              else tempfile.TemporaryDirectory(prefix="mmie-acts-"))
-    with holder as root:
-        store = ChunkStore(lm, chunks, n_real, layers, open_cache(Path(root), key), c.max_length)
+    with shared_folder(c.cache_dir, "mmie-acts-") as root:
+        store = ChunkStore(lm, chunks, n_real, layers, open_cache(root, key), c.max_length)
         stream = TokenStream(store, c.buffer_tokens, c.batch_tokens, c.seed)
-        trainer = new_trainer(lm, layers, cfg, stream, c, c.lr or auto_lr(cfg.n_latents))
+        trainer = new_trainer(lm.device, layers, cfg, stream, c.seed,
+                              c.lr or auto_lr(cfg.n_latents), c.warmup_steps)
         state = ckpt.load() if resume else None
         if state is not None:
             trainer.load_state_dict(state)
-        train(trainer, steps_of(c), c, ckpt, progress)
-    cache = {"dir": c.cache_dir, "hits": store.hits, "misses": store.misses,
+        harvest(store, stream, steps_of(c) - trainer.step, progress)
+        trainer.replicas = replicate(trainer.saes, trainer.optimizers)
+        train(trainer, steps_of(c), c.checkpoint_every, ckpt, progress)
+    # hits: shards the stream read (every process reads all); misses: shards computed, by anyone
+    cache = {"dir": c.cache_dir, "hits": store.hits, "misses": sum(gather(store.misses)),
              "chunks": len(chunks), "epochs": stream.epoch + stream.pos / len(chunks)}
     return Trained(trainer, cache, state["step"] if state else 0)
 
 
 def run(config: TrainSaeConfig, out: Path | str, *, force: bool = False, resume: bool = False,
         progress: Progress = SILENT) -> Artifact:
-    """Train, measure and save the ``sae`` artifact; see the module docstring."""
+    """Train, measure and save the ``sae`` artifact; see the module docstring.
+
+    Under a launcher every process calls this; rank 0 writes, the others return its artifact.
+    """
     out = Path(out)
-    if out.exists() and not force:  # save() checks again; this spares a whole training run
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    _check_start(config, out, force)
+    ensure_group()
     split = split_sets(config)
     parent = load(config.layers_artifact, kind="layers") if config.layers_artifact else None
     with loaded(config.model) as lm:
@@ -387,10 +277,10 @@ def run(config: TrainSaeConfig, out: Path | str, *, force: bool = False, resume:
         trained = train_all(lm, split, layers, cfg, config, ckpt, resume, progress)
         analysis = analyse(lm, trained.trainer.saes, trained.trainer.means(), split.heldout,
                            config.feature_settings(), progress)
-        names = {id(m): name for name, m in unwrap(lm.model).named_modules()}
-        extra = {"layers": layers, "sae": asdict(cfg), "blocks_module": names.get(id(lm.blocks)),
-                 "lr": config.lr or auto_lr(cfg.n_latents), "steps": steps_of(config)}
-        identity = lm.identity
+        extra, identity = _recorded(config, lm, layers, cfg), lm.identity
+    if not world().main:
+        barrier()  # rank 0 writes the only artifact
+        return load(out, kind="sae")
     artifact = save(out, "sae", tensors=_tensors(trained, analysis),
                     config={**asdict(config), **extra}, model=identity,
                     parents=[parent.path] if parent else [],
@@ -398,7 +288,23 @@ def run(config: TrainSaeConfig, out: Path | str, *, force: bool = False, resume:
                     files={**analysis.files, "training_log.jsonl": _jsonl(trained.trainer.log)},
                     force=force)
     ckpt.clear()
+    barrier()
     return artifact
+
+
+def _check_start(config: TrainSaeConfig, out: Path, force: bool) -> None:
+    if out.exists() and not force:  # save() checks again; this spares a whole training run
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    if world().size > config.batch_tokens:
+        raise ValueError(f"batch-tokens {config.batch_tokens} is below the {world().size} "
+                         "processes: each needs rows of every batch")
+
+
+def _recorded(c: TrainSaeConfig, lm: LoadedModel, layers: list[int], cfg: SaeConfig) -> dict:
+    """What the manifest records beyond the config: resolved layers, SAE config, block path."""
+    names = {id(m): name for name, m in unwrap(lm.model).named_modules()}
+    return {"layers": layers, "sae": asdict(cfg), "blocks_module": names.get(id(lm.blocks)),
+            "lr": c.lr or auto_lr(cfg.n_latents), "steps": steps_of(c)}
 
 
 def _jsonl(rows: list[dict]) -> str:

@@ -9,16 +9,12 @@ from mmie.sae import (
     SAE_REGISTRY,
     SaeConfig,
     SparseAutoencoder,
-    _segment_sum,
-    _SparseEncode,
     build_sae,
-    dense_topk_loss,
     geometric_median,
-    make_optimizer,
-    metrics,
     register_sae,
-    train_step,
 )
+from mmie.sae_kernels import SparseEncode, segment_sum
+from mmie.sae_optim import dense_topk_loss, make_optimizer, metrics, train_step
 
 ARCHS = ("topk", "batchtopk", "matryoshka")
 
@@ -118,7 +114,7 @@ def test_gradients_match_naive_dense_topk():
 def test_segment_sum_hand_computed():
     table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     group, gather = torch.tensor([2, 0, 2, 0]), torch.tensor([0, 2, 1, 1])
-    out = _segment_sum(group, gather, torch.tensor([1.0, 2.0, 3.0, 4.0]), table, 4)
+    out = segment_sum(group, gather, torch.tensor([1.0, 2.0, 3.0, 4.0]), table, 4)
     assert out.tolist() == [[2.0, 6.0], [0.0, 0.0], [1.0, 3.0], [0.0, 0.0]]
 
 
@@ -132,7 +128,7 @@ def test_sparse_encoder_passes_gradcheck():
 
     def gathered(x, b_dec, w_enc, b_enc):
         pre = torch.relu((x - b_dec) @ w_enc + b_enc).detach()
-        return _SparseEncode.apply(pre, tok, lat, x, b_dec, w_enc, b_enc)
+        return SparseEncode.apply(pre, tok, lat, x, b_dec, w_enc, b_enc)
 
     assert torch.autograd.gradcheck(gathered, (x, b_dec, w_enc, b_enc))  # b_dec via W_enc @ g
     assert torch.autograd.gradcheck(gathered, (x.requires_grad_(), b_dec, w_enc, b_enc))

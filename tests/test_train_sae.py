@@ -19,9 +19,10 @@ from mmie.cli import app
 from mmie.errors import ArtifactError, DataError
 from mmie.models import ModelSpec, loaded
 from mmie.progress import SILENT, Progress, Task
-from mmie.sae import SaeConfig, build_sae, metrics
+from mmie.sae import SaeConfig, build_sae
 from mmie.sae_export import export_saelens, load_sae, load_saes
 from mmie.sae_features import FeatureSettings, analyse, ce_recovered, heldout_pass, selectivity
+from mmie.sae_optim import metrics
 from mmie.train_sae import TrainSaeConfig, default_checkpoint_dir, run, split_sets
 from tests.conftest import EN, HI, write_jsonl
 

@@ -119,8 +119,11 @@ def train_sae_cmd(
     The artifact holds one SAE per layer, held-out quality (FVU, L0, dead latents, CE-loss
     recovered) and features.md / features.json with the top forget latents and their contexts.
     """
+    from mmie.distributed import world
     from mmie.sae_export import export_saelens as export
     from mmie.train_sae import TrainSaeConfig, run
+
+    main = world().main  # under torchrun / accelerate launch only rank 0 writes and reports
 
     def body():
         config = TrainSaeConfig(
@@ -136,10 +139,12 @@ def train_sae_cmd(
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_every=checkpoint_every, seed=seed)
         artifact = run(config, out, force=force, resume=resume, progress=progress())
-        folders = export(artifact, export_saelens, force=force) if export_saelens else []
+        folders = export(artifact, export_saelens, force=force) if export_saelens and main else []
         return artifact, folders
 
     artifact, folders = run_guarded(body)
+    if not main:
+        return
     console.print(_table(artifact.metrics))
     _top_features(artifact)
     info(f"wrote {artifact.path}" + (f" and SAELens export {export_saelens}" if folders else ""))
