@@ -25,7 +25,7 @@ from mmie.data import batched
 from mmie.distributed import shard
 from mmie.hooks import capture_blocks, edit_blocks
 from mmie.losses import head_params, shift_labels, token_logprobs
-from mmie.models import LoadedModel, get_decoder, unwrap
+from mmie.models import LoadedModel, get_decoder, lm_head, materialized, unwrap
 from mmie.progress import Progress
 from mmie.sae import SparseAutoencoder
 from mmie.sae_parallel import gather_to_main
@@ -73,8 +73,10 @@ def _nll(lm: LoadedModel, enc: dict[str, Tensor], loss_mask: Tensor) -> Tensor:
     out = get_decoder(lm.model)(input_ids=ids, attention_mask=enc["attention_mask"].to(device),
                                 use_cache=False)
     labels, _ = shift_labels(ids)
-    logp = token_logprobs(out.last_hidden_state, labels=labels, mask=loss_mask.to(device),
-                          **head_params(unwrap(lm.model)))
+    with materialized(lm_head(lm.model)):  # an offloaded head's weight is meta outside it
+        logp = token_logprobs(out.last_hidden_state, labels=labels,
+                              mask=loss_mask.to(out.last_hidden_state.device),
+                              **head_params(unwrap(lm.model)))
     return -logp.sum()
 
 
@@ -89,14 +91,14 @@ def _replace(mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor],
     def edit(h: Tensor) -> Tensor:
         out = h.clone()
         where = mask.to(h.device)
-        out[where] = fn(h[where]).to(h.dtype)
+        out[where] = fn(h[where]).to(h.device, h.dtype)
         return out
 
     return edit
 
 
 def _reconstruct(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
-    return lambda x: sae.decode_sparse(*sae.encode(x.float()))
+    return lambda x: sae.decode_sparse(*sae.encode(x.to(sae.W_enc.device).float()))
 
 
 def _ablate(name: str, mean: Tensor) -> Callable[[Tensor], Tensor]:

@@ -42,6 +42,8 @@ from mmie.models import (
 from mmie.sae import SaeConfig, build_sae
 from mmie.select_layers import SelectLayersConfig
 from mmie.select_layers import run as run_select
+from mmie.train_sae import TrainSaeConfig
+from mmie.train_sae import run as run_sae
 from tests.conftest import EN, HI, write_jsonl
 
 # tiny models take ~215 KB in float32: embeddings and blocks 0-1 fit, blocks 2-3 go to disk
@@ -236,6 +238,24 @@ def test_evaluate_equal(tmp_path):
     assert [s["generation"] for s in a] == [s["generation"] for s in b]
     assert [s["fluency_nll"] for s in b] == pytest.approx([s["fluency_nll"] for s in a],
                                                           abs=1e-5)
+
+
+def test_train_sae_equal(tmp_path):
+    """The harvest and the held-out CE passes (which read the LM head's matrix) on offloaded
+    blocks: same SAEs and same CE metrics as the unsplit model."""
+    hi, en = write_jsonl(tmp_path / "hi.jsonl", HI), write_jsonl(tmp_path / "en.jsonl", EN)
+    config = TrainSaeConfig(forget=str(hi), retain=str(en), layers=(2, 3), expansion=4, k=8,
+                            tokens=320, batch_tokens=64, buffer_tokens=128, holdout=0.25,
+                            top_n_features=3, n_contexts=2,
+                            model=ModelSpec(name="tiny:llama", device="cpu"))
+    a = run_sae(config, tmp_path / "a")
+    b = run_sae(replace(config, model=split_spec(config.model, tmp_path / "off")), tmp_path / "b")
+    for stem in ("layer2", "layer3"):
+        assert max_diff(a.tensors(stem), b.tensors(stem)) <= 1e-6
+    for layer in ("2", "3"):
+        qa, qb = a.metrics["layers"][layer], b.metrics["layers"][layer]
+        for key in ("ce_clean", "ce_sae", "ce_ablated"):
+            assert qb[key] == pytest.approx(qa[key], rel=1e-5), (layer, key)
 
 
 def test_cli_device_options():
