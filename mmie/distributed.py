@@ -3,8 +3,10 @@
 mmie adds no distribution layer of its own. A stage started by ``torchrun --nproc_per_node N``
 or ``accelerate launch --multi_gpu --num_processes N`` finds ``WORLD_SIZE`` / ``RANK`` /
 ``LOCAL_RANK`` in its environment; :func:`accelerator` then builds an
-:class:`accelerate.Accelerator` (DDP over NCCL on GPUs, over gloo on CPU; FSDP or DeepSpeed
-when the accelerate config says so) and the stage wraps its trainable module with it.
+:class:`accelerate.Accelerator` (DDP over NCCL on GPUs, over gloo on CPU) and the stage wraps
+its trainable module with it. accelerate's sharded engines are not used (``unlearn`` shards a
+LoRA model with torch's FSDP itself, :mod:`mmie.unlearn_fsdp`); :func:`sharded_engine` tells a
+stage that its accelerate config asks for one.
 
 This module holds only what every stage shares: who am I (:func:`world`), which share of a
 list is mine (:func:`shard`), waiting for the others (:func:`barrier`) and collecting
@@ -78,6 +80,23 @@ def accelerator():
     from accelerate import Accelerator  # heavy import, only for the stages that train
 
     return Accelerator(cpu=not torch.cuda.is_available())
+
+
+# what ``accelerate launch`` exports for a sharded config (accelerate/utils/launch.py)
+_SHARDED_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED",
+                  "ACCELERATE_USE_MEGATRON_LM": "MEGATRON_LM"}
+
+
+def sharded_engine() -> str | None:
+    """The sharded engine ``accelerate launch``'s config asks for, or None.
+
+    Read from the environment because ``Accelerator(cpu=True)`` ignores an FSDP config and
+    reports plain data parallelism, so a stage that refuses sharding must look here too.
+    """
+    for flag, name in _SHARDED_FLAGS.items():
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            return name
+    return None
 
 
 def _initialized() -> bool:

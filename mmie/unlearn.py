@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from mmie import unlearn_fsdp
 from mmie.adapters import DEFAULT_LAYERS, METHODS, Adapter, load_adapter
 from mmie.artifacts import Artifact, load, save, sha256_file
 from mmie.data import read_texts
@@ -196,7 +197,7 @@ def _metrics(curve: list[dict], resumed: int, prepared: Prepared, data: TextData
             "seconds_per_step": statistics.mean(timed) if timed else None,
             "median_seconds_per_step": statistics.median(timed) if timed else None,
             "reference_seconds": prepared.reference_seconds, "data": data.records(c),
-            "processes": prepared.trainer.processes}
+            "processes": prepared.trainer.processes, "fsdp": prepared.trainer.sharded}
 
 
 def _save(c: UnlearnConfig, out: Path, lm: LoadedModel, prepared: Prepared, metrics: dict,
@@ -248,6 +249,8 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
         return done
     if out.exists() and not force:  # save() checks again; this spares a whole run
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    if unlearn_fsdp.wanted() and world().distributed:  # before the model loads
+        unlearn_fsdp.check(c.method, None, c.checkpoint_every, resume)
     data = read_data(c)
     parent = load(c.layers, kind="layers") if c.layers else None
     ckpt, main = checkpoint_dir(out), world().main
@@ -259,6 +262,8 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
                         run_identity(c.to_dict()), desc, main)
             curve, resumed = train(prepared.trainer, loop, resume, progress)
             metrics = _metrics(curve, resumed, prepared, data, c)
+            if prepared.trainer.sharded:  # every process, before rank 0 writes
+                unlearn_fsdp.gather_trainable(prepared.adapter)
             artifact = main_writes(lambda: _save(c, out, lm, prepared, metrics, parent,
                                                  force or resume), out, "adapter")
         finally:

@@ -35,6 +35,10 @@ shares hold different token counts. The one approximation: KL ``token_frac`` dra
 process's subsample of positions separately (still an unbiased estimate of the mean KL).
 Recorded losses are averaged over processes before the finiteness check, so a NaN on one
 process stops every process at the same step; none is left waiting for the others.
+
+Under an FSDP accelerate config (LoRA only) the whole model is sharded instead
+(:mod:`mmie.unlearn_fsdp`) and nothing goes through DDP: FSDP averages the gradients the same
+way, so the same scaling gives the global batch's mean.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mmie import losses
+from mmie import losses, unlearn_fsdp
 from mmie.adapters import Adapter
+from mmie.distributed import sharded_engine
 from mmie.errors import MmieError
 from mmie.models import LoadedModel, unwrap
 from mmie.objectives import Objective, ObjectiveInputs, RetainInputs, RetainLoss
@@ -67,18 +72,26 @@ def make_accelerator(find_unused_parameters: bool = False):
     ``cpu=True`` without CUDA makes accelerate use gloo for CPU processes (see
     :func:`mmie.distributed.accelerator`). ``find_unused_parameters`` is DDP's: needed when a
     pass stops at RMU's block and leaves the edits of deeper blocks out of the graph; it costs a
-    graph traversal per step, so it is off otherwise.
+    graph traversal per step, so it is off otherwise. An FSDP config is let through (the
+    trainer shards the model itself); DeepSpeed and Megatron configs are refused.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    # read the launcher's flag first: on CPU accelerate silently runs an FSDP config as DDP,
+    # and a DeepSpeed one fails inside Accelerator() when deepspeed is not installed
+    asked, acc = sharded_engine(), None
+    if asked == "FSDP":  # handled by mmie.unlearn_fsdp, without accelerate's wrapping
+        asked = None
+    if asked is None:
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+        acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            asked = acc.distributed_type.value
+    if asked:
         raise ValueError(
-            f"unlearn trains only the adapter and runs data-parallel with DDP (torchrun, or "
-            f"accelerate launch --multi_gpu); this accelerate config asks for "
-            f"{acc.distributed_type.value}, which would shard the adapter, not the frozen model")
+            f"unlearn runs with DDP (configs/accelerate/ddp.yaml) or FSDP (fsdp.yaml); this "
+            f"accelerate config asks for {asked}, which mmie does not support (docs/scaling.md)")
     return acc
 
 
@@ -130,18 +143,26 @@ class Trainer:
                  retain: list[list[int]], refs: References, schedule: Schedule, lr: float):
         self.lm, self.adapter, self.plan, self.refs = lm, adapter, plan, refs
         self.forget, self.retain, self.schedule = forget, retain, schedule
-        self.params = adapter.trainable()
-        for p in self.params.values():
+        for p in adapter.trainable().values():
             p.requires_grad_(True)
         self.gated = adapter.spec.gate is not None
-        self.head = losses.head_params(unwrap(lm.model))
         # a pass that reads RMU's block stops there: edits of deeper blocks get no gradient
         stops_early = plan.act_layer is not None and plan.act_layer < max(adapter.spec.layers)
         self.accelerator = make_accelerator(find_unused_parameters=stops_early)
+        # under an FSDP config accelerate's prepare would wrap StepLoss in FSDP: never use it
+        self.fsdp_config = unlearn_fsdp.wanted()
+        self.sharded = self.fsdp_config and self.accelerator.num_processes > 1
+        if self.sharded:
+            unlearn_fsdp.check(adapter.spec.method, plan.act_layer, 0, False)
+            unlearn_fsdp.shard(lm)  # replaces the parameters: collect them afterwards
+        self.params = adapter.trainable()
+        self.head = losses.head_params(unwrap(lm.model))
         optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
-        # the model already sits where it computes (cuda:LOCAL_RANK under a launcher)
-        self.module, self.optimizer = self.accelerator.prepare(
-            StepLoss(self), optimizer, device_placement=[False, False])
+        if self.fsdp_config:  # FSDP reduces the gradients itself (one process: nothing to)
+            self.module, self.optimizer = StepLoss(self), optimizer
+        else:  # the model already sits where it computes (cuda:LOCAL_RANK under a launcher)
+            self.module, self.optimizer = self.accelerator.prepare(
+                StepLoss(self), optimizer, device_placement=[False, False])
 
     @property
     def processes(self) -> int:
@@ -279,6 +300,12 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         """One optimizer step; returns the curve record. Raises TrainingDiverged on NaN/inf."""
+        if not self.sharded:
+            return self._step(step)
+        with unlearn_fsdp.gathered_head(self.lm) as self.head:  # read by the losses
+            return self._step(step)
+
+    def _step(self, step: int) -> dict:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         batches = self.batches(step)
@@ -287,13 +314,18 @@ class Trainer:
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDiverged(f"step {step + 1}: loss is not finite ({_fmt(values)})")
         self.accelerator.backward(parts["loss"])
-        norm = float(self.accelerator.clip_grad_norm_(list(self.params.values()),
-                                                      self.plan.max_grad_norm))
+        norm = self._clip()
         if not math.isfinite(norm):  # gradients are already averaged: every process agrees
             raise TrainingDiverged(f"step {step + 1}: gradient norm is {norm} ({_fmt(values)})")
         self.optimizer.step()
         return {"step": step + 1, **values, "grad_norm": norm,
                 "seconds": time.perf_counter() - start}
+
+    def _clip(self) -> float:
+        params, limit = list(self.params.values()), self.plan.max_grad_norm
+        if self.fsdp_config:
+            return unlearn_fsdp.grad_norm(params, limit)
+        return float(self.accelerator.clip_grad_norm_(params, limit))
 
 
 def _fmt(values: dict[str, float]) -> str:

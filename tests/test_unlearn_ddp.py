@@ -34,7 +34,7 @@ from mmie.artifacts import load
 from mmie.models import ModelSpec, loaded
 from mmie.progress import Progress, Task
 from mmie.unlearn import UnlearnConfig, checkpoint_dir, prepare, read_data, run
-from mmie.unlearn_train import StepLoss
+from mmie.unlearn_train import StepLoss, make_accelerator
 from tests.conftest import EN, HI, REPO, write_jsonl
 from tests.test_unlearn import UR
 
@@ -280,3 +280,13 @@ def test_rank0_write_failure_reaches_the_other_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(unlearn, "world", lambda: World(0, 2, 0))
     with pytest.raises(OSError, match="disk full"):  # rank 0 re-raises its own error
         unlearn.main_writes(disk_full, tmp_path / "a", "adapter")
+
+
+@pytest.mark.parametrize(("flag", "engine"), [("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"),
+                                              ("ACCELERATE_USE_MEGATRON_LM", "MEGATRON_LM")])
+def test_an_unsupported_sharded_accelerate_config_is_refused(flag, engine, monkeypatch):
+    """Read from the launcher's flag: Accelerator() itself fails on a DeepSpeed config when
+    deepspeed is not installed, and on CPU ignores sharded configs altogether."""
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ValueError, match=f"asks for {engine}, which mmie does not support"):
+        make_accelerator()
