@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mmie.artifacts import ModelIdentity
-from mmie.distributed import local_device
+from mmie.distributed import local_device, world
 from mmie.errors import ModelError
 from mmie.model_sources import SOURCES, resolve_source
 
@@ -98,7 +98,12 @@ class ModelSpec:
             return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelError(f"--device {self.device} asked for, but no CUDA device is available")
-        return local_device(torch.device(self.device))
+        device = torch.device(self.device)
+        if device.index is not None and world().distributed:
+            # every rank would load onto the same GPU and NCCL refuses duplicate devices
+            raise ModelError(f"--device {self.device} under a launcher: each process takes "
+                             "cuda:LOCAL_RANK; pass --device cuda (or auto)")
+        return local_device(device)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":

@@ -51,3 +51,16 @@ def test_local_device_picks_the_local_gpu(monkeypatch):
     assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 1)
     assert distributed.local_device(torch.device("cuda:0")) == torch.device("cuda", 0)
     assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_an_explicit_gpu_index_under_a_launcher_is_refused(monkeypatch):
+    from mmie.errors import ModelError
+    from mmie.models import ModelSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ModelError, match="cuda:LOCAL_RANK"):
+        ModelSpec(name="tiny:llama", device="cuda:0").torch_device()
+    assert ModelSpec(name="tiny:llama", device="cuda").torch_device() == torch.device("cuda", 1)
