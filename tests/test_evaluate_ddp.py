@@ -7,7 +7,6 @@ tests simulate ranks by collecting each rank's share where the gather would happ
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ from mmie.models import ModelSpec, loaded
 from mmie.progress import SILENT
 from mmie.sharded import length_batches, map_batches, merge_shares, run_share
 
-from .conftest import EN, HI, REPO, write_jsonl
+from .conftest import EN, HI, write_jsonl
+from .helpers import launch_env
 
 UR = ["میں آج بازار جا رہا ہوں", "یہ کتاب بہت اچھی ہے", "بارش کے بعد موسم ٹھنڈا ہو گیا",
       "ہمارے گاؤں میں ایک پرانا مندر ہے", "بچے میدان میں کرکٹ کھیل رہے ہیں"]
@@ -134,14 +134,6 @@ def test_scores_and_probe_states_are_the_same_on_any_number_of_ranks(llama, monk
 
 # --- launched: torchrun, 2 processes vs 1 -----------------------------------------------------
 
-def _launch_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    # one thread per process: 2 processes on a shared 2-core machine, and the same kernels
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    return env
-
-
 def _comparable(out: Path) -> dict[str, object]:
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     for key in WALL_CLOCK:
@@ -167,8 +159,8 @@ def launched(tmp_path_factory) -> Path:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2", "--log-dir", "logs", "--redirects", "3"]
     runs = [subprocess.Popen([sys.executable, *args, "--out", "one"], cwd=root,
-                             env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-            subprocess.Popen([*torchrun, *args, "--out", "two"], cwd=root, env=_launch_env(),
+                             env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+            subprocess.Popen([*torchrun, *args, "--out", "two"], cwd=root, env=launch_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
     try:
         for proc in runs:

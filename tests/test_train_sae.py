@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,13 +17,14 @@ from mmie.artifacts import load, save
 from mmie.cli import app
 from mmie.errors import ArtifactError, DataError
 from mmie.models import ModelSpec, loaded
-from mmie.progress import SILENT, Progress, Task
+from mmie.progress import SILENT
 from mmie.sae import SaeConfig, build_sae
 from mmie.sae_export import export_saelens, load_sae, load_saes
 from mmie.sae_features import FeatureSettings, analyse, ce_recovered, heldout_pass, selectivity
 from mmie.sae_optim import metrics
 from mmie.train_sae import TrainSaeConfig, default_checkpoint_dir, run, split_sets
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import StopAfter
 
 TINY = ModelSpec(name="tiny:llama", device="cpu")
 FAST = dict(model=TINY, expansion=4, k=8, tokens=640, batch_tokens=64, buffer_tokens=256,
@@ -144,33 +144,12 @@ def test_load_sae_refuses_wrong_model_and_bad_shapes(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------- resume, cache
-class _StopAt(Progress):
-    """Raises KeyboardInterrupt once training has done ``step`` steps (a Ctrl-C stand-in)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @contextmanager
-    def task(self, desc, total=None):
-        stop = self.step if desc == "train SAEs" else None
-
-        class Counter(Task):
-            done = 0
-
-            def advance(self, n=1, **fields):
-                self.done += n
-                if stop is not None and self.done >= stop:
-                    raise KeyboardInterrupt
-
-        yield Counter()
-
-
 def test_resume_matches_uninterrupted_run_and_refuses_other_settings(trained, tmp_path):
     config, full = trained
     config = replace(config, cache_dir=None, grad_attribution=False)
     out = tmp_path / "sae"
     with pytest.raises(KeyboardInterrupt):
-        run(config, out, progress=_StopAt(6))
+        run(config, out, progress=StopAfter(6, "train SAEs"))
     assert not out.exists() and (default_checkpoint_dir(out) / "state.pt").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [default_checkpoint_dir(out).name]
     with pytest.raises(ArtifactError, match="other settings"):

@@ -15,20 +15,18 @@ gradient test is what checks the loss scaling against DDP's averaging.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from mmie.artifacts import load
 from mmie.models import ModelSpec
-from mmie.progress import Progress, Task
 from mmie.train_sae import TrainSaeConfig, default_checkpoint_dir, run
+from tests.helpers import StopAfter, launch_env
 
-from .conftest import EN, HI, REPO, write_jsonl
+from .conftest import EN, HI, write_jsonl
 
 WEIGHTS, CURVE, GRADS = 1e-5, 5e-5, 1e-6
 CLI = ["--model", "tiny:llama", "--device", "cpu", "--layer", "1", "--layer", "2",
@@ -83,11 +81,7 @@ def _launch(tmp_path: Path, *args: str) -> dict[int, str]:
     """Run ``args`` under ``torchrun --nproc_per_node 2``; each rank's stdout + stderr."""
     logs, scratch = tmp_path / "logs", tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    # One thread each: 2 processes on a 2-core box; TMPDIR shows where temporary folders go.
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
-               TMPDIR=str(scratch))
+    env = launch_env(TMPDIR=str(scratch))  # TMPDIR shows where temporary folders go
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "--log-dir", str(logs), "--redirects", "3", *args]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -132,34 +126,13 @@ def test_two_processes_train_the_one_process_saes(data, tmp_path):
     assert printed[1] == "" and "wrote" in printed[0]
 
 
-class _StopAt(Progress):
-    """Raises KeyboardInterrupt once training has done ``step`` steps (a Ctrl-C stand-in)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @contextmanager
-    def task(self, desc, total=None):
-        stop = self.step if desc == "train SAEs" else None
-
-        class Counter(Task):
-            done = 0
-
-            def advance(self, n=1, **fields):
-                self.done += n
-                if stop is not None and self.done >= stop:
-                    raise KeyboardInterrupt
-
-        yield Counter()
-
-
 def test_launched_resume_of_a_batchtopk_run_ends_where_one_process_does(data, tmp_path):
     config = TrainSaeConfig(forget=str(data["hi"]), retain=str(data["en"]), arch="batchtopk",
                             **SAME)
     one = run(config, tmp_path / "one" / "sae")
     out = tmp_path / "two" / "sae"
     with pytest.raises(KeyboardInterrupt):
-        run(config, out, progress=_StopAt(6))
+        run(config, out, progress=StopAfter(6, "train SAEs"))
     assert (default_checkpoint_dir(out) / "state.pt").is_file()
     printed = _launch(tmp_path, *_cli(data, out, "--arch", "batchtopk", "--resume"))
     two = load(out, kind="sae")

@@ -6,7 +6,6 @@ import gc
 import json
 import math
 import weakref
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,11 +22,11 @@ from mmie.artifacts import load, save
 from mmie.errors import ArtifactError, DataError, MmieError
 from mmie.models import ModelSpec, get_decoder, loaded
 from mmie.objectives import GradientAscent
-from mmie.progress import Progress, Task
 from mmie.unlearn import UnlearnConfig, checkpoint_dir, run, run_seeds
 from mmie.unlearn_data import References, build_schedule, curriculum_order
 from mmie.unlearn_train import TrainingDiverged
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import StopAfter
 
 UR = ["میں آج بازار جا رہا ہوں", "یہ کتاب بہت اچھی ہے", "بارش کے بعد موسم ٹھنڈا ہو گیا",
       "ہمارے گاؤں میں ایک پرانا مندر ہے", "بچے میدان میں کرکٹ کھیل رہے ہیں",
@@ -163,31 +162,11 @@ def test_tampered_lora_file_named(trained, tmp_path):
         load_adapter(_resave(src.path, tmp_path / "l", writer=writer), lm)
 
 
-class _StopAfter(Progress):
-    """A progress reporter that interrupts the run after ``n`` completed steps."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def task(self, desc, total=None):
-        outer = self
-
-        class _T(Task):
-            done = 0
-
-            def advance(self, n=1, **fields):
-                self.done += n
-                if self.done >= outer.n:
-                    raise KeyboardInterrupt
-
-        return nullcontext(_T())
-
-
 def test_resume_reaches_the_uninterrupted_weights(files, tmp_path):
     cfg = config(files, method="lora", objective="npo", rank=2, layers=None)
     whole = run(cfg, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "cut", progress=_StopAfter(2))
+        run(cfg, tmp_path / "cut", progress=StopAfter(2))
     assert json.loads((checkpoint_dir(tmp_path / "cut") / "state.json").read_text())["step"] == 2
     resumed = run(cfg, tmp_path / "cut", resume=True)
     assert resumed.metrics["resumed_from_step"] == 2
@@ -204,7 +183,7 @@ def test_resume_reaches_the_uninterrupted_weights(files, tmp_path):
 def test_resume_refuses_other_settings(files, tmp_path):
     cfg = config(files, method="reft", objective="ga")
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "r", progress=_StopAfter(2))
+        run(cfg, tmp_path / "r", progress=StopAfter(2))
     with pytest.raises(MmieError, match="other settings.*seed"):
         run(replace(cfg, seed=5), tmp_path / "r", resume=True)
 

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +31,10 @@ from safetensors.torch import load_file
 from mmie.adapters import PEFT_WEIGHTS
 from mmie.artifacts import load
 from mmie.models import ModelSpec, loaded
-from mmie.progress import Progress, Task
 from mmie.unlearn import UnlearnConfig, checkpoint_dir, prepare, read_data, run
 from mmie.unlearn_train import StepLoss, make_accelerator
 from tests.conftest import EN, HI, REPO, write_jsonl
+from tests.helpers import StopAfter, launch_env
 from tests.test_unlearn import UR
 
 WEIGHT_ATOL = 2e-5
@@ -78,8 +77,7 @@ def launch(tmp_path: Path, args: list[str], name: str) -> Launch:
     logs = tmp_path / f"logs-{name}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--standalone", "--log-dir", str(logs), "--redirects", "3", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = launch_env()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -132,26 +130,6 @@ def assert_same_run(one: Path, two: Path) -> None:
             assert rb[key] == pytest.approx(ra[key], rel=CURVE_REL, abs=1e-6), (ra["step"], key)
 
 
-class _StopAfter(Progress):
-    """Interrupts a run after ``n`` steps, leaving the checkpoint of step ``n``."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def task(self, desc, total=None):
-        outer = self
-
-        class _T(Task):
-            done = 0
-
-            def advance(self, n=1, **fields):
-                self.done += n
-                if self.done >= outer.n:
-                    raise KeyboardInterrupt
-
-        return nullcontext(_T())
-
-
 # --- launched runs -------------------------------------------------------------------------------
 
 def test_lora_npo_two_seeds_match_one_process_and_only_rank0_writes(files, tmp_path):
@@ -184,7 +162,7 @@ def test_gated_reft_resumes_under_the_launcher_from_a_one_process_checkpoint(fil
     whole = run(cfg, tmp_path / "whole")
     out = tmp_path / "ddp"
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, out, progress=_StopAfter(2))
+        run(cfg, out, progress=StopAfter(2))
     args = cli_args(files, "--retain", str(files["ur"]), "--method", "reft", "--objective",
                     "graddiff", "--gate", "grun", "--lr", "2e-2", "--resume", "--out", str(out))
     got = launch(tmp_path, args, "reft")

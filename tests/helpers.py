@@ -1,0 +1,42 @@
+"""Test helpers shared by several test files: a Ctrl-C stand-in and a clean launcher env."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mmie.progress import Progress, Task
+from tests.conftest import REPO
+
+LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class StopAfter(Progress):
+    """Raises KeyboardInterrupt once ``n`` steps of a loop are done, leaving that step's
+    checkpoint; only the loop named ``desc`` counts when one is given."""
+
+    def __init__(self, n: int, desc: str | None = None) -> None:
+        self.n, self.desc = n, desc
+
+    @contextmanager
+    def task(self, desc: str, total: int | None = None) -> Iterator[Task]:
+        stop = self.n if self.desc in (None, desc) else None
+
+        class Counter(Task):
+            done = 0
+
+            def advance(self, n: int = 1, **fields: object) -> None:
+                self.done += n
+                if stop is not None and self.done >= stop:
+                    raise KeyboardInterrupt
+
+        yield Counter()
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment for a torchrun subprocess: no launcher variables inherited, one thread
+    per process (2 processes on a 2-core machine, same kernels as 1), CPU only, this checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", **extra)
+    return env
