@@ -17,12 +17,14 @@ them are no-ops for a single process, so library callers and tests need nothing 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from mmie.errors import MmieError
 
 T = TypeVar("T")
 
@@ -142,3 +144,26 @@ def unshard(parts: Sequence[Sequence[T]]) -> list[T]:
     for rank, part in enumerate(parts):
         merged[rank::len(parts)] = list(part)
     return merged
+
+
+def main_writes(write: Callable[[], T], reopen: Callable[[], T], what: str) -> T:
+    """Rank 0 runs ``write``; the other processes wait for it, then ``reopen`` what it wrote.
+
+    Rank 0's outcome is shared (the gather is also the barrier), so when it fails every
+    process raises instead of waiting for an artifact that never comes.
+    """
+    here = world()
+    if not here.distributed:
+        return write()
+    result, error = None, None
+    if here.main:
+        try:
+            result = write()
+        except Exception as exc:  # noqa: BLE001 - told to the other ranks, then re-raised
+            error = exc
+    failure = gather(None if error is None else f"{type(error).__name__}: {error}")[0]
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise MmieError(f"rank 0 failed to write {what}: {failure}")
+    return result if here.main else reopen()

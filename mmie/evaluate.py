@@ -15,13 +15,12 @@ is the one-process artifact. The other ranks wait and return what rank 0 wrote.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmie import eval_metrics as em
 from mmie.artifacts import Artifact, load, save
-from mmie.distributed import ensure_group, gather, world
+from mmie.distributed import ensure_group, main_writes
 from mmie.errors import ArtifactError
 from mmie.eval_config import (  # noqa: F401  (re-exported: the stage's public names)
     EXTRA_SETS,
@@ -159,23 +158,6 @@ def _baseline(c: EvalConfig) -> Artifact | None:
     return None if c.baseline is None else load(c.baseline, kind="eval")
 
 
-def _written_by_main(write: Callable[[], Artifact], out: Path) -> Artifact:
-    """Rank 0 writes the artifact; the other ranks wait for it and load it."""
-    here = world()
-    if not here.distributed:
-        return write()
-    artifact, done = None, False
-    try:
-        artifact = write() if here.main else None
-        done = True
-    finally:
-        # reached even when rank 0 fails, so the others stop instead of waiting for a timeout
-        main_done = gather(done)[0]
-    if not main_done:
-        raise ArtifactError(f"rank 0 failed to write {out}; its error says why")
-    return artifact if here.main else load(out, kind="eval")
-
-
 def run(config: EvalConfig, out: Path | str, *, force: bool = False,
         progress: Progress = SILENT) -> Artifact:
     """Evaluate as ``config`` says; write and return the ``eval`` artifact at ``out``.
@@ -203,4 +185,4 @@ def run(config: EvalConfig, out: Path | str, *, force: bool = False,
         return save(out, "eval", tensors={}, config=settings, model=got.identity,
                     parents=parent_paths(config), metrics=metrics, files=files, force=force)
 
-    return _written_by_main(write, out)
+    return main_writes(write, lambda: load(out, kind="eval"), str(out))

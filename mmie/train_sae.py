@@ -37,7 +37,7 @@ import torch
 
 from mmie.artifacts import Artifact, check_model, load, save, sha256_file, sha256_json
 from mmie.data import read_texts
-from mmie.distributed import barrier, ensure_group, gather, world
+from mmie.distributed import ensure_group, gather, main_writes, world
 from mmie.errors import ArtifactError, DataError
 from mmie.models import LoadedModel, ModelSpec, loaded, unwrap
 from mmie.progress import SILENT, Progress
@@ -278,18 +278,18 @@ def run(config: TrainSaeConfig, out: Path | str, *, force: bool = False, resume:
         analysis = analyse(lm, trained.trainer.saes, trained.trainer.means(), split.heldout,
                            config.feature_settings(), progress)
         extra, identity = _recorded(config, lm, layers, cfg), lm.identity
-    if not world().main:
-        barrier()  # rank 0 writes the only artifact
-        return load(out, kind="sae")
-    artifact = save(out, "sae", tensors=_tensors(trained, analysis),
-                    config={**asdict(config), **extra}, model=identity,
-                    parents=[parent.path] if parent else [],
-                    metrics=_metrics(trained, analysis, split, config),
-                    files={**analysis.files, "training_log.jsonl": _jsonl(trained.trainer.log)},
-                    force=force)
-    ckpt.clear()
-    barrier()
-    return artifact
+    def write() -> Artifact:
+        artifact = save(out, "sae", tensors=_tensors(trained, analysis),
+                        config={**asdict(config), **extra}, model=identity,
+                        parents=[parent.path] if parent else [],
+                        metrics=_metrics(trained, analysis, split, config),
+                        files={**analysis.files,
+                               "training_log.jsonl": _jsonl(trained.trainer.log)},
+                        force=force)
+        ckpt.clear()
+        return artifact
+
+    return main_writes(write, lambda: load(out, kind="sae"), str(out))
 
 
 def _check_start(config: TrainSaeConfig, out: Path, force: bool) -> None:

@@ -45,8 +45,8 @@ from mmie import unlearn_fsdp
 from mmie.adapters import DEFAULT_LAYERS, METHODS, Adapter, load_adapter
 from mmie.artifacts import Artifact, load, save, sha256_file
 from mmie.data import read_texts
-from mmie.distributed import World, gather, shard, world
-from mmie.errors import ArtifactError, DataError, MmieError
+from mmie.distributed import World, gather, main_writes, shard, world
+from mmie.errors import ArtifactError, DataError
 from mmie.models import LoadedModel, loaded
 from mmie.progress import SILENT, Progress
 from mmie.unlearn_checkpoint import checkpoint_dir, run_identity
@@ -219,29 +219,6 @@ def _complete(out: Path) -> Artifact | None:
         return None
 
 
-def main_writes(write: Callable[[], Artifact], out: Path, kind: str) -> Artifact:
-    """Rank 0 runs ``write``; the other processes wait for it, then open what it wrote.
-
-    Rank 0's outcome is shared (the gather is also the barrier), so when it fails every
-    process raises instead of waiting for an artifact that never comes.
-    """
-    here = world()
-    if not here.distributed:
-        return write()
-    artifact, error = None, None
-    if here.main:
-        try:
-            artifact = write()
-        except Exception as exc:  # noqa: BLE001 - told to the other ranks, then re-raised
-            error = exc
-    failure = gather(None if error is None else f"{type(error).__name__}: {error}")[0]
-    if error is not None:
-        raise error
-    if failure is not None:
-        raise MmieError(f"rank 0 failed to write {out}: {failure}")
-    return artifact if here.main else load(out, kind=kind)
-
-
 def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,
                   progress: Progress = SILENT) -> Artifact:
     """One seed: train, save the ``adapter`` artifact, remove the edit, release the model."""
@@ -265,7 +242,8 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
             if prepared.trainer.sharded:  # every process, before rank 0 writes
                 unlearn_fsdp.gather_trainable(prepared.adapter)
             artifact = main_writes(lambda: _save(c, out, lm, prepared, metrics, parent,
-                                                 force or resume), out, "adapter")
+                                                 force or resume),
+                                   lambda: load(out, kind="adapter"), str(out))
         finally:
             prepared.trainer.close()
             prepared.adapter.remove()
@@ -293,7 +271,7 @@ def run_scrub(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool 
             return fit_scrub(lm, data.forget, retain, layers, out, config=settings, force=force,
                              parents=[parent.path] if parent else [], progress=progress)
 
-    return main_writes(fit, out, "scrub")
+    return main_writes(fit, lambda: load(out, kind="scrub"), str(out))
 
 
 RUNNERS: dict[str, Callable[..., Artifact]] = {

@@ -244,7 +244,7 @@ def test_batch_that_does_not_split_evenly_is_a_usage_error(files, tmp_path, monk
 
 
 def test_rank0_write_failure_reaches_the_other_ranks(tmp_path, monkeypatch):
-    import mmie.unlearn as unlearn
+    import mmie.distributed as unlearn
     from mmie.distributed import World
     from mmie.errors import MmieError
 
@@ -254,10 +254,10 @@ def test_rank0_write_failure_reaches_the_other_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(unlearn, "gather", lambda obj: ["OSError: disk full", obj])
     monkeypatch.setattr(unlearn, "world", lambda: World(1, 2, 1))
     with pytest.raises(MmieError, match="rank 0 failed to write .*: OSError: disk full"):
-        unlearn.main_writes(disk_full, tmp_path / "a", "adapter")
+        unlearn.main_writes(disk_full, lambda: None, str(tmp_path / "a"))
     monkeypatch.setattr(unlearn, "world", lambda: World(0, 2, 0))
     with pytest.raises(OSError, match="disk full"):  # rank 0 re-raises its own error
-        unlearn.main_writes(disk_full, tmp_path / "a", "adapter")
+        unlearn.main_writes(disk_full, lambda: None, str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize(("flag", "engine"), [("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"),
