@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmie.artifacts import ModelIdentity
-from mmie.generation import GenerationSettings, encode_prompts, generate, left_pad
-from mmie.models import LoadedModel, ModelSpec, resolve_blocks
-from mmie.tiny import build_tokenizer
+from mmie.core.artifacts import ModelIdentity
+from mmie.core.generation import GenerationSettings, encode_prompts, generate, left_pad
+from mmie.core.models import LoadedModel, ModelSpec, resolve_blocks
+from mmie.core.tiny import build_tokenizer
 
 QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, intermediate_size=8960, vocab_size=151936)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mmie.sae import (
+from mmie.sae.modules import (
     SaeConfig,
     build_sae,
     dense_topk_reference,

@@ -1,6 +1,6 @@
 """Unlearning step cost: mmie's step against a naive step, same model, batches and adapter.
 
-mmie's step (:class:`mmie.unlearn_train.Trainer`): log-probabilities from final hidden states
+mmie's step (:class:`mmie.unlearn.train.Trainer`): log-probabilities from final hidden states
 through chunked LM-head matmuls (no ``[batch, tokens, vocab]`` tensor), NPO reference
 log-likelihoods and retain top-k KL targets precomputed once before training (timed
 separately, as "one-off": one reference pass per example the schedule visits).
@@ -33,10 +33,10 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from mmie.models import ModelSpec, loaded
-from mmie.objectives import ObjectiveInputs
-from mmie.unlearn import UnlearnConfig, prepare, read_data
-from mmie.unlearn_train import Trainer, collate
+from mmie.core.models import ModelSpec, loaded
+from mmie.unlearn.objectives import ObjectiveInputs
+from mmie.unlearn.stage import UnlearnConfig, prepare, read_data
+from mmie.unlearn.train import Trainer, collate
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmie.models import ModelSpec, loaded
+from mmie.core.models import ModelSpec, loaded
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"

@@ -1,6 +1,6 @@
 import torch
 
-from mmie.activations import harvest
+from mmie.core.activations import harvest
 from tests.conftest import EN, HI
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmie import artifacts
-from mmie.artifacts import ModelIdentity, load, save
-from mmie.errors import ArtifactError
+from mmie.core import artifacts
+from mmie.core.artifacts import ModelIdentity, load, save
+from mmie.core.errors import ArtifactError
 
 IDENT = ModelIdentity("m", "Arch", 4, 8, 100,
                       {"config_sha256": "a" * 64, "weights_sha256": "b" * 64})

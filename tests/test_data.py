@@ -2,15 +2,15 @@ import json
 
 import pytest
 
-from mmie.data import (
+from mmie.core.data import (
     batched,
-    filter_script,
     read_parallel,
     read_texts,
     sample,
     split_prompt,
 )
-from mmie.errors import DataError
+from mmie.core.errors import DataError
+from mmie.lid.filters import filter_script
 from tests.conftest import SAMPLE, write_jsonl
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mmie.lid import detect
-from mmie.models import ModelSpec, loaded
+from mmie.core.models import ModelSpec, loaded
+from mmie.lid.detect import detect
 
 pytestmark = pytest.mark.slow
 

@@ -20,16 +20,12 @@ from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_modul
 from torch import nn
 from typer.testing import CliRunner
 
-from mmie.activations import harvest
-from mmie.adapters import AdapterSpec, ReftAdapter
-from mmie.artifacts import save
 from mmie.cli import app
-from mmie.errors import ModelError
-from mmie.evaluate import EvalConfig
-from mmie.evaluate import run as run_eval
-from mmie.interventions import ScrubConfig, attached, fit_scrub
-from mmie.losses import head_params, token_logprobs
-from mmie.models import (
+from mmie.core.activations import harvest
+from mmie.core.artifacts import save
+from mmie.core.errors import ModelError
+from mmie.core.losses import head_params, token_logprobs
+from mmie.core.models import (
     ModelSpec,
     get_decoder,
     lm_head,
@@ -39,11 +35,15 @@ from mmie.models import (
     parse_max_memory,
     unwrap,
 )
-from mmie.sae import SaeConfig, build_sae
-from mmie.select_layers import SelectLayersConfig
-from mmie.select_layers import run as run_select
-from mmie.train_sae import TrainSaeConfig
-from mmie.train_sae import run as run_sae
+from mmie.edits.adapters import AdapterSpec, ReftAdapter
+from mmie.edits.interventions import ScrubConfig, attached, fit_scrub
+from mmie.evaluate.stage import EvalConfig
+from mmie.evaluate.stage import run as run_eval
+from mmie.layers.stage import SelectLayersConfig
+from mmie.layers.stage import run as run_select
+from mmie.sae.modules import SaeConfig, build_sae
+from mmie.train_sae.stage import TrainSaeConfig
+from mmie.train_sae.stage import run as run_sae
 from tests.conftest import EN, HI, write_jsonl
 
 # tiny models take ~215 KB in float32: embeddings and blocks 0-1 fit, blocks 2-3 go to disk

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmie import distributed
-from mmie.distributed import World, shard, unshard
+from mmie.core import distributed
+from mmie.core.distributed import World, shard, unshard
 
 
 def test_world_reads_the_launcher_environment(monkeypatch):
@@ -54,8 +54,8 @@ def test_local_device_picks_the_local_gpu(monkeypatch):
 
 
 def test_an_explicit_gpu_index_under_a_launcher_is_refused(monkeypatch):
-    from mmie.errors import ModelError
-    from mmie.models import ModelSpec
+    from mmie.core.errors import ModelError
+    from mmie.core.models import ModelSpec
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mmie import eval_metrics as em
-from mmie.errors import MetricError
-from mmie.lid import degeneracy, detect
+from mmie.core.errors import MetricError
+from mmie.evaluate import metrics as em
+from mmie.lid.detect import degeneracy, detect
 
 
 def _lid(lang, script="Latn", confidence=0.9):

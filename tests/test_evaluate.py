@@ -8,14 +8,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmie import eval_pass, evaluate
-from mmie.artifacts import load, save
 from mmie.cli import app
-from mmie.errors import DataError, MetricError
-from mmie.evaluate import EvalConfig, arm_name, read_sets, run
-from mmie.gate_metrics import read_eval
-from mmie.hooks import edit_blocks
-from mmie.models import ModelSpec, loaded
+from mmie.core.artifacts import load, save
+from mmie.core.errors import DataError, MetricError
+from mmie.core.hooks import edit_blocks
+from mmie.core.models import ModelSpec, loaded
+from mmie.evaluate import passes as eval_pass
+from mmie.evaluate import stage as evaluate
+from mmie.evaluate.stage import EvalConfig, arm_name, read_sets, run
+from mmie.gate.metrics import read_eval
 
 from .conftest import EN, HI, write_jsonl
 
@@ -150,7 +151,7 @@ def test_empty_forget_file_fails_before_model_load(files, tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def scrub_artifact(files, tmp_path_factory) -> Path:
-    from mmie.interventions import ScrubConfig, fit_scrub
+    from mmie.edits.interventions import ScrubConfig, fit_scrub
 
     out = tmp_path_factory.mktemp("scrub") / "scrub"
     with loaded(TINY) as lm:

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmie import sharded
-from mmie.artifacts import save
-from mmie.distributed import World
-from mmie.eval_config import EvalConfig
-from mmie.eval_pass import pooled_states
-from mmie.generation import GenerationSettings, generate, score, text_items
-from mmie.models import ModelSpec, loaded
-from mmie.progress import SILENT
-from mmie.sharded import length_batches, map_batches, merge_shares, run_share
+from mmie.core import sharded
+from mmie.core.artifacts import save
+from mmie.core.distributed import World
+from mmie.core.generation import GenerationSettings, generate, score, text_items
+from mmie.core.models import ModelSpec, loaded
+from mmie.core.progress import SILENT
+from mmie.core.sharded import length_batches, map_batches, merge_shares, run_share
+from mmie.evaluate.config import EvalConfig
+from mmie.evaluate.passes import pooled_states
 
 from .conftest import EN, HI, write_jsonl
 from .helpers import launch_env

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mmie.artifacts import load, save
 from mmie.cli import app
-from mmie.errors import MetricError
-from mmie.gate import FAIL, PASS, PROCEED, REPORT, STOP, GateConfig, evaluate_gates, run
-from mmie.gate_metrics import GATES, group_evals, read_eval
+from mmie.core.artifacts import load, save
+from mmie.core.errors import MetricError
+from mmie.gate.metrics import GATES, group_evals, read_eval
+from mmie.gate.stage import FAIL, PASS, PROCEED, REPORT, STOP, GateConfig, evaluate_gates, run
 
 N = 100
 DATA = {"sha256": {"forget": "aa", "retain": "bb", "xlang:ur": "cc"}, "n_prompts": N,

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mmie.generation import (
+from mmie.core.generation import (
     GenerationSettings,
     ScoreItem,
     continuation_items,
@@ -15,7 +15,7 @@ from mmie.generation import (
     score,
     text_items,
 )
-from mmie.models import ModelSpec, loaded
+from mmie.core.models import ModelSpec, loaded
 
 PROMPTS = ["hello there my good friend, how", "a", "नमस्ते दुनिया", "xyz", "the cat sat on the"]
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmie.activations import harvest
-from mmie.artifacts import content_hash, save
-from mmie.hooks import capture_blocks
-from mmie.interventions import (
+from mmie.core.activations import harvest
+from mmie.core.artifacts import content_hash, save
+from mmie.core.hooks import capture_blocks
+from mmie.core.models import ModelSpec, get_decoder, loaded
+from mmie.edits.interventions import (
     ScrubConfig,
     attached,
     fit_scrub,
@@ -19,9 +20,8 @@ from mmie.interventions import (
     scrub_direction,
     scrub_fn,
 )
-from mmie.models import ModelSpec, get_decoder, loaded
-from mmie.sae import SaeConfig, build_sae
-from mmie.unlearn import UnlearnConfig, run
+from mmie.sae.modules import SaeConfig, build_sae
+from mmie.unlearn.stage import UnlearnConfig, run
 from tests.conftest import EN, HI, write_jsonl
 
 LLAMA = ModelSpec(name="tiny:llama", device="cpu")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mmie import lid_backends
-from mmie.lid import (
+from mmie.lid import backends as lid_backends
+from mmie.lid.detect import (
     LidConfig,
     clear_cache,
     degeneracy,
@@ -297,7 +297,7 @@ def test_lid_accuracy_on_romanized_sample_set():
 
 
 def test_fluent_text_that_loops_keeps_its_language_but_is_degenerate():
-    from mmie.lid import degeneracy, detect_one
+    from mmie.lid.detect import degeneracy, detect_one
 
     text = "भी लोग घर पर नहीं सो रहे हैं। बारिश के पानी के पानी के पानी के पानी के पानी के पानी"
     assert detect_one(text).lang == "hi"

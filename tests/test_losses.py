@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 
-from mmie import losses
+from mmie.core import losses
 
 B, T, D, V = 3, 5, 8, 50
 

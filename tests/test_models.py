@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from mmie.errors import ModelError
-from mmie.hooks import capture_blocks, edit_blocks
-from mmie.model_sources import resolve_source
-from mmie.models import ModelSpec, get_decoder, load_model, loaded, resolve_blocks
+from mmie.core.errors import ModelError
+from mmie.core.hooks import capture_blocks, edit_blocks
+from mmie.core.model_sources import resolve_source
+from mmie.core.models import ModelSpec, get_decoder, load_model, loaded, resolve_blocks
 
 
 def test_tiny_models_load_with_identity(tiny_lm, tiny_arch):

@@ -9,14 +9,16 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from mmie.activations import real_token_mask, tokenize
-from mmie.artifacts import ModelIdentity, load, save
 from mmie.cli import app
-from mmie.errors import ArtifactError, ModelError
-from mmie.hooks import HookSpec, hooked
-from mmie.models import LoadedModel, ModelSpec, identity_of, loaded, resolve_blocks
-from mmie.neuron_compare import CompareConfig, dynamics, permutation_pvalue, run_compare, verdict
-from mmie.neuron_finetune import (
+from mmie.core.activations import real_token_mask, tokenize
+from mmie.core.artifacts import ModelIdentity, load, save
+from mmie.core.errors import ArtifactError, ModelError
+from mmie.core.hooks import HookSpec, hooked
+from mmie.core.models import LoadedModel, ModelSpec, identity_of, loaded, resolve_blocks
+from mmie.core.progress import SILENT
+from mmie.edits.neurons import ablated, mask_tensors, resolve_layout
+from mmie.neurons.compare import CompareConfig, dynamics, permutation_pvalue, run_compare, verdict
+from mmie.neurons.finetune import (
     MODES,
     FinetuneConfig,
     applied,
@@ -25,25 +27,16 @@ from mmie.neuron_finetune import (
     run_finetune,
     trainable,
 )
-from mmie.neuron_scores import (
+from mmie.neurons.scores import (
     NeuronStats,
     collect,
     lape_entropy,
     lape_masks,
-    mask_tensors,
-    resolve_layout,
     score_tensors,
     wanda_columns,
     wanda_rows,
 )
-from mmie.neurons import (
-    Scope,
-    SelectConfig,
-    ablated,
-    run_select,
-    top_share,
-)
-from mmie.progress import SILENT
+from mmie.neurons.stage import Scope, SelectConfig, run_select, top_share
 from tests.conftest import EN, HI
 
 runner = CliRunner()
@@ -110,7 +103,7 @@ def test_scores_match_a_hand_computation(lm):
 def _gpt2_lm() -> LoadedModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mmie.tiny import build_tokenizer
+    from mmie.core.tiny import build_tokenizer
 
     tok = build_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_inner=24,

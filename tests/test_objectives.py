@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mmie import losses
-from mmie.objectives import (
+from mmie.core import losses
+from mmie.unlearn.objectives import (
     Needs,
     ObjectiveInputs,
     RetainInputs,
@@ -226,7 +226,7 @@ def test_kl_retain_topk_and_exact():
 def test_kl_token_subsampling_scores_a_seeded_subset():
     import torch
 
-    from mmie.objectives import _subsample
+    from mmie.unlearn.objectives import _subsample
 
     mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmie.reft import (
+from mmie.edits.reft import (
     GatedIntervention,
     LoReFT,
     LowRankEdit,

@@ -6,10 +6,10 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from mmie.artifacts import save
 from mmie.cli import app
-from mmie.errors import ArtifactError
-from mmie.report import ReportConfig, run
+from mmie.core.artifacts import save
+from mmie.core.errors import ArtifactError
+from mmie.report.stage import ReportConfig, run
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000100ffff03000006000557bfabd40000"

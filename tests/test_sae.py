@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmie.sae import (
+from mmie.sae.kernels import SparseEncode, segment_sum
+from mmie.sae.modules import (
     SAE_REGISTRY,
     SaeConfig,
     SparseAutoencoder,
@@ -13,8 +14,7 @@ from mmie.sae import (
     geometric_median,
     register_sae,
 )
-from mmie.sae_kernels import SparseEncode, segment_sum
-from mmie.sae_optim import dense_topk_loss, make_optimizer, metrics, train_step
+from mmie.train_sae.optim import dense_topk_loss, make_optimizer, metrics, train_step
 
 ARCHS = ("topk", "batchtopk", "matryoshka")
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmie.artifacts import load
-from mmie.errors import DataError, MetricError
-from mmie.layer_rules import (
+from mmie.core.artifacts import load
+from mmie.core.errors import DataError, MetricError
+from mmie.core.models import ModelSpec, load_model
+from mmie.layers.rules import (
     STRATEGIES,
     UNPAIRED_REASON,
     LayerRow,
@@ -20,8 +21,7 @@ from mmie.layer_rules import (
     measure_layer,
     zscores,
 )
-from mmie.models import ModelSpec, load_model
-from mmie.select_layers import LAPE_SITES, SelectLayersConfig, read_sets, resolve_site, run
+from mmie.layers.stage import LAPE_SITES, SelectLayersConfig, read_sets, resolve_site, run
 
 HI_WORDS = "मैं तुम वह घर पानी किताब स्कूल बाज़ार आज कल बहुत अच्छा जाता है थी गया".split()
 EN_WORDS = "I you he house water book school market today tomorrow very good goes is was".split()
@@ -168,7 +168,7 @@ def test_bad_data_fails_before_any_model_loads(files, tmp_path, monkeypatch):
     def no_model(spec):
         raise AssertionError("the model must not load before the data is checked")
 
-    monkeypatch.setattr("mmie.select_layers.loaded", no_model)
+    monkeypatch.setattr("mmie.layers.stage.loaded", no_model)
     empty = SelectLayersConfig(forget=str(files["empty"]), retain=str(files["en"]))
     with pytest.raises(DataError, match="no non-empty texts"):
         run(empty, tmp_path / "a")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import ortho_group
 
-from mmie.errors import MetricError
-from mmie.similarity import (
+from mmie.core.errors import MetricError
+from mmie.core.similarity import (
     LAYER_METRICS,
     ProbeResult,
     anc,

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from mmie.errors import MetricError
-from mmie.stats import (
+from mmie.core.errors import MetricError
+from mmie.core.stats import (
     CI,
     auc_statistic,
     bh_adjust,

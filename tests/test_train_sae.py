@@ -12,17 +12,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mmie import sae_stream
-from mmie.artifacts import load, save
 from mmie.cli import app
-from mmie.errors import ArtifactError, DataError
-from mmie.models import ModelSpec, loaded
-from mmie.progress import SILENT
-from mmie.sae import SaeConfig, build_sae
-from mmie.sae_export import export_saelens, load_sae, load_saes
-from mmie.sae_features import FeatureSettings, analyse, ce_recovered, heldout_pass, selectivity
-from mmie.sae_optim import metrics
-from mmie.train_sae import TrainSaeConfig, default_checkpoint_dir, run, split_sets
+from mmie.core.artifacts import load, save
+from mmie.core.errors import ArtifactError, DataError
+from mmie.core.models import ModelSpec, loaded
+from mmie.core.progress import SILENT
+from mmie.sae.modules import SaeConfig, build_sae
+from mmie.train_sae import stream as sae_stream
+from mmie.train_sae.export import export_saelens, load_sae, load_saes
+from mmie.train_sae.features import (
+    FeatureSettings,
+    analyse,
+    ce_recovered,
+    heldout_pass,
+    selectivity,
+)
+from mmie.train_sae.optim import metrics
+from mmie.train_sae.stage import TrainSaeConfig, default_checkpoint_dir, run, split_sets
 from tests.conftest import EN, HI, write_jsonl
 from tests.helpers import StopAfter
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from mmie.artifacts import load
-from mmie.models import ModelSpec
-from mmie.train_sae import TrainSaeConfig, default_checkpoint_dir, run
+from mmie.core.artifacts import load
+from mmie.core.models import ModelSpec
+from mmie.train_sae.stage import TrainSaeConfig, default_checkpoint_dir, run
 from tests.helpers import StopAfter, launch_env
 
 from .conftest import EN, HI, write_jsonl
@@ -40,11 +40,11 @@ SAME = dict(model=ModelSpec(name="tiny:llama", device="cpu"), layers=(1, 2), exp
 STEP_SCRIPT = '''
 import json, sys
 import torch
-from mmie.distributed import ensure_group, world
-from mmie.sae import SaeConfig, build_sae
-from mmie.sae_optim import Replica, make_optimizer, replica_step
-from mmie.sae_parallel import plain_ddp, replicate
-from mmie.sae_shard import split_batch
+from mmie.core.distributed import ensure_group, world
+from mmie.sae.modules import SaeConfig, build_sae
+from mmie.train_sae.optim import Replica, make_optimizer, replica_step
+from mmie.train_sae.parallel import plain_ddp, replicate
+from mmie.sae.shard import split_batch
 
 ensure_group()
 ENGINES = {"accelerate": lambda sae, opt: replicate({0: sae}, {0: opt})[0],

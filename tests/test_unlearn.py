@@ -15,16 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import mmie.models
-import mmie.unlearn as unlearn
-from mmie.adapters import PEFT_WEIGHTS, load_adapter
-from mmie.artifacts import load, save
-from mmie.errors import ArtifactError, DataError, MmieError
-from mmie.models import ModelSpec, get_decoder, loaded
-from mmie.objectives import GradientAscent
-from mmie.unlearn import UnlearnConfig, checkpoint_dir, run, run_seeds
-from mmie.unlearn_data import References, build_schedule, curriculum_order
-from mmie.unlearn_train import TrainingDiverged
+import mmie.core.models
+import mmie.unlearn.stage as unlearn
+from mmie.core.artifacts import load, save
+from mmie.core.errors import ArtifactError, DataError, MmieError
+from mmie.core.models import ModelSpec, get_decoder, loaded
+from mmie.edits.adapters import PEFT_WEIGHTS, load_adapter
+from mmie.unlearn.data import References, build_schedule, curriculum_order
+from mmie.unlearn.objectives import GradientAscent
+from mmie.unlearn.stage import UnlearnConfig, checkpoint_dir, run, run_seeds
+from mmie.unlearn.train import TrainingDiverged
 from tests.conftest import EN, HI, write_jsonl
 from tests.helpers import StopAfter
 
@@ -207,7 +207,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(files, tmp_path, m
 
 def test_seeds_run_in_sequence_and_release_models(files, tmp_path, monkeypatch):
     refs, rss = [], []
-    original_load, original_runner = mmie.models.load_model, unlearn.RUNNERS["reft"]
+    original_load, original_runner = mmie.core.models.load_model, unlearn.RUNNERS["reft"]
 
     def tracking_load(spec):
         handle = original_load(spec)
@@ -220,7 +220,7 @@ def test_seeds_run_in_sequence_and_release_models(files, tmp_path, monkeypatch):
         rss.append(psutil.Process().memory_info().rss)
         return result
 
-    monkeypatch.setattr(mmie.models, "load_model", tracking_load)
+    monkeypatch.setattr(mmie.core.models, "load_model", tracking_load)
     monkeypatch.setitem(unlearn.RUNNERS, "reft", measured)
     arts = run_seeds(config(files, method="reft", objective="ga", steps=1), [1, 2, 3],
                      tmp_path / "seeds")
@@ -240,7 +240,7 @@ def test_empty_retain_is_a_data_error_before_any_model_loads(files, tmp_path, mo
     def no_load(spec):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(mmie.models, "load_model", no_load)
+    monkeypatch.setattr(mmie.core.models, "load_model", no_load)
     with pytest.raises(DataError, match="no non-empty texts"):
         run(config(files, retain=(str(files["en"]), str(empty))), tmp_path / "o")
     with pytest.raises(DataError):

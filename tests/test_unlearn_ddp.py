@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from mmie.adapters import PEFT_WEIGHTS
-from mmie.artifacts import load
-from mmie.models import ModelSpec, loaded
-from mmie.unlearn import UnlearnConfig, checkpoint_dir, prepare, read_data, run
-from mmie.unlearn_train import StepLoss, make_accelerator
+from mmie.core.artifacts import load
+from mmie.core.models import ModelSpec, loaded
+from mmie.edits.adapters import PEFT_WEIGHTS
+from mmie.unlearn.stage import UnlearnConfig, checkpoint_dir, prepare, read_data, run
+from mmie.unlearn.train import StepLoss, make_accelerator
 from tests.conftest import EN, HI, REPO, write_jsonl
 from tests.helpers import StopAfter, launch_env
 from tests.test_unlearn import UR
@@ -176,10 +176,10 @@ def test_gated_reft_resumes_under_the_launcher_from_a_one_process_checkpoint(fil
 
 NAN_ON_RANK1 = """
 import sys
-from mmie.distributed import world
-from mmie.models import ModelSpec
-from mmie.objectives import GradientAscent
-from mmie.unlearn import UnlearnConfig, run
+from mmie.core.distributed import world
+from mmie.core.models import ModelSpec
+from mmie.unlearn.objectives import GradientAscent
+from mmie.unlearn.stage import UnlearnConfig, run
 
 original, calls = GradientAscent.forget_loss, []
 
@@ -244,9 +244,9 @@ def test_batch_that_does_not_split_evenly_is_a_usage_error(files, tmp_path, monk
 
 
 def test_rank0_write_failure_reaches_the_other_ranks(tmp_path, monkeypatch):
-    import mmie.distributed as unlearn
-    from mmie.distributed import World
-    from mmie.errors import MmieError
+    import mmie.core.distributed as unlearn
+    from mmie.core.distributed import World
+    from mmie.core.errors import MmieError
 
     def disk_full():
         raise OSError("disk full")

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mmie.artifacts import load
-from mmie.unlearn import run
-from mmie.unlearn_fsdp import check
+from mmie.core.artifacts import load
+from mmie.unlearn.fsdp import check
+from mmie.unlearn.stage import run
 from tests.conftest import EN, HI, write_jsonl
 from tests.test_unlearn_ddp import assert_same_run, cli_args, config, launch
 

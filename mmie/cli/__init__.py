@@ -22,7 +22,7 @@ from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
 )
 from mmie.cli.app import app
 from mmie.cli.common import STATE
-from mmie.distributed import world
+from mmie.core.distributed import world
 
 
 def _version(value: bool) -> None:

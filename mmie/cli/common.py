@@ -24,8 +24,8 @@ from rich.progress import (
     Progress as RichProgress,
 )
 
-from mmie.errors import MmieError
-from mmie.progress import Progress, Task
+from mmie.core.errors import MmieError
+from mmie.core.progress import Progress, Task
 
 T = TypeVar("T")
 
@@ -136,7 +136,7 @@ DeviceMapOpt = Annotated[str | None, typer.Option(
 
 
 def _check_max_memory(value: str | None) -> str | None:
-    from mmie.models import parse_max_memory
+    from mmie.core.models import parse_max_memory
 
     if value is not None:
         try:
@@ -161,8 +161,8 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 def model_spec(model: str, device: str = "auto", dtype: str = "auto",
                device_map: str | None = None, blocks_path: str | None = None,
                max_memory: str | None = None):
-    """Build a :class:`mmie.models.ModelSpec` from the shared options (ValueError if invalid)."""
-    from mmie.models import ModelSpec, parse_max_memory
+    """A :class:`mmie.core.models.ModelSpec` from the shared options (ValueError if invalid)."""
+    from mmie.core.models import ModelSpec, parse_max_memory
 
     limits = parse_max_memory(max_memory) if max_memory is not None else None
     return ModelSpec(name=model, device=device, dtype=dtype, device_map=device_map,

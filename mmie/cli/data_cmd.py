@@ -34,7 +34,7 @@ def check(
     json_out: JsonOpt = False,
 ) -> None:
     """Counts, empty and duplicate lines, script and language mix, token lengths, overlaps."""
-    from mmie.data_check import CheckConfig, run
+    from mmie.datacheck.check import CheckConfig, run
 
     report = run_guarded(lambda: run(CheckConfig(tuple(files), field, model, max_length, lid)))
     if json_out:

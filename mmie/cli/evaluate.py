@@ -27,7 +27,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
-from mmie.distributed import world
+from mmie.core.distributed import world
 
 SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
                ("degenerate_rate", "degenerate"), ("fluency_nll", "fluency NLL"),
@@ -137,7 +137,7 @@ def evaluate_cmd(
     `accelerate launch --multi_gpu --num_processes N -m mmie evaluate ...`, with the same
     output as one.
     """
-    from mmie.evaluate import EvalConfig, run
+    from mmie.evaluate.stage import EvalConfig, run
 
     pairs = parse_pairs(xlang or [], "--xlang")
 

@@ -35,7 +35,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _table(report: dict) -> Table:
-    from mmie.gate_report import threshold_text
+    from mmie.gate.render import threshold_text
 
     table = Table(title="mmie gate")
     for column in ("arm", "gate", "estimate", "CI", "level", "threshold", "p (BH)", "decision"):
@@ -73,7 +73,7 @@ def gate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Bootstrap CIs, FDR correction and PROCEED/STOP decisions per arm over seeds."""
-    from mmie.gate import STOP, GateConfig, run
+    from mmie.gate.stage import STOP, GateConfig, run
 
     def body():
         settings = GateConfig.from_toml(config, alpha=alpha, n_boot=n_boot, seed=seed)

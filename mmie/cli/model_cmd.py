@@ -22,7 +22,7 @@ from mmie.cli.common import (
 
 
 def _info(spec) -> dict:
-    from mmie.models import loaded
+    from mmie.core.models import loaded
 
     with loaded(spec) as lm:
         params = sum(p.numel() for p in lm.model.parameters())

@@ -112,7 +112,7 @@ def score_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Wanda scores and activation probabilities of every MLP neuron on a text set."""
-    from mmie.neurons import ScoreConfig, run_score
+    from mmie.neurons.stage import ScoreConfig, run_score
 
     langs, chosen = parse_pairs(lang, "--lang"), parse_layers(layers)
     artifact = run_guarded(lambda: run_score(ScoreConfig(
@@ -162,7 +162,7 @@ def select_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Select neurons: top-p% of target minus top-p% of reference, or LAPE (--lape)."""
-    from mmie.neurons import SelectConfig, run_select
+    from mmie.neurons.stage import SelectConfig, run_select
 
     share, langs = parse_share(top), parse_pairs(lang, "--lang")
     artifact = run_guarded(lambda: run_select(SelectConfig(
@@ -213,7 +213,7 @@ def finetune_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Fine-tune with the selected neurons frozen (gradient masks), or LoRA around them."""
-    from mmie.neuron_finetune import FinetuneConfig, run_finetune
+    from mmie.neurons.finetune import FinetuneConfig, run_finetune
 
     modules = tuple(t.strip() for t in target_modules.split(",") if t.strip())
     lora_l, train_l = parse_layers(lora_layers), parse_layers(train_layers, "--train-layers")
@@ -253,7 +253,7 @@ def compare_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Score dynamics of frozen vs other neurons and the Hypothesis A / B verdict."""
-    from mmie.neuron_compare import CompareConfig, run_compare
+    from mmie.neurons.compare import CompareConfig, run_compare
 
     artifact = run_guarded(lambda: run_compare(CompareConfig(
         before=before, after=after, neurons=neurons, drift=drift, stable=stable, score=score,
@@ -301,7 +301,7 @@ def ablate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Scale the selected neurons' activations: an ablation arm, with a before/after demo."""
-    from mmie.neurons import AblateConfig, run_ablate
+    from mmie.neurons.stage import AblateConfig, run_ablate
 
     artifact = run_guarded(lambda: run_ablate(AblateConfig(
         model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),

@@ -19,7 +19,7 @@ def report_cmd(
     title: Annotated[str, typer.Option(help="Page title.")] = "mmie report",
 ) -> None:
     """One HTML page (images inlined): layers, SAEs, training curves, metrics, heatmap, gates."""
-    from mmie.report import ReportConfig, run
+    from mmie.report.stage import ReportConfig, run
 
     path = run_guarded(lambda: run(ReportConfig(tuple(map(str, inputs)), str(out), title)))
     info(f"report written to [bold]{path}[/]")

@@ -108,7 +108,7 @@ def select_layers_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Compare forget vs retain activations per layer and pick the layers to work on."""
-    from mmie.select_layers import SelectLayersConfig, run
+    from mmie.layers.stage import SelectLayersConfig, run
 
     langs = parse_lang(lang or [])
 

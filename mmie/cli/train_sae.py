@@ -119,9 +119,9 @@ def train_sae_cmd(
     The artifact holds one SAE per layer, held-out quality (FVU, L0, dead latents, CE-loss
     recovered) and features.md / features.json with the top forget latents and their contexts.
     """
-    from mmie.distributed import world
-    from mmie.sae_export import export_saelens as export
-    from mmie.train_sae import TrainSaeConfig, run
+    from mmie.core.distributed import world
+    from mmie.train_sae.export import export_saelens as export
+    from mmie.train_sae.stage import TrainSaeConfig, run
 
     main = world().main  # under torchrun / accelerate launch only rank 0 writes and reports
 

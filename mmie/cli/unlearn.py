@@ -24,7 +24,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
-from mmie.distributed import world
+from mmie.core.distributed import world
 
 
 def _pairs(items: list[str] | None, what: str) -> tuple[tuple[str, str], ...]:
@@ -148,8 +148,8 @@ def unlearn_cmd(
     Data-parallel under torchrun / accelerate launch: --batch-size is the global batch, split
     evenly over the processes; only rank 0 prints and writes.
     """
-    from mmie.adapters import LORA_TARGETS
-    from mmie.unlearn import UnlearnConfig, run_seeds
+    from mmie.edits.adapters import LORA_TARGETS
+    from mmie.unlearn.stage import UnlearnConfig, run_seeds
 
     def body():
         config = UnlearnConfig(

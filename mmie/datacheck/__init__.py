@@ -1,0 +1,1 @@
+"""`mmie data check`: what a text file holds before any model loads."""

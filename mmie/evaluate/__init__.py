@@ -1,0 +1,1 @@
+"""evaluate: config, generation passes and metrics (pure functions)."""

@@ -1,0 +1,139 @@
+"""`evaluate`'s model pass: everything that needs the model, with the model loaded once.
+
+With the interventions attached (adapter, SAE gate, script scrub: :mod:`mmie.edits.interventions`)
+the prompts of every set are continued, held-out forget/retain texts scored (perplexity),
+forget-train texts scored against held-out forget texts (membership inference) and
+activations pooled for the language probe; then the interventions are detached and every
+continuation is scored by the base model (fluency; for the base arm the log-probs recorded while
+generating greedily are those scores, so no second pass runs); then the model is released.
+
+Under a launcher every pass shares its length-sorted batches among the processes and gathers
+the per-sample results (:mod:`mmie.core.sharded`), so every process ends with the same
+:class:`Measured` as a one-process run, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmie.core.activations import harvest
+from mmie.core.artifacts import load
+from mmie.core.distributed import World, world
+from mmie.core.errors import ArtifactError
+from mmie.core.generation import (
+    Generation,
+    TokenScores,
+    continuation_items,
+    generate,
+    score,
+    text_items,
+)
+from mmie.core.models import LoadedModel, loaded
+from mmie.core.progress import SILENT, Progress
+from mmie.core.sharded import length_batches, map_batches
+from mmie.evaluate.config import EvalConfig, PromptSet
+
+
+@dataclass
+class Measured:
+    """Everything computed with the model loaded; plain CPU data only."""
+
+    generations: dict[str, list[Generation]]
+    ppl: dict[str, list[TokenScores]]
+    mia: tuple[list[TokenScores], list[TokenScores]] | None
+    pooled: tuple[dict, dict] | None
+    fluency: dict[str, list[TokenScores]]
+    applied: dict
+    identity: object
+
+
+def chosen_layers(c: EvalConfig, lm: LoadedModel) -> list[int] | None:
+    if c.layers is None:
+        return None
+    chosen = load(c.layers, kind="layers", model=lm.identity).metrics.get("chosen")
+    if isinstance(chosen, dict):
+        chosen = chosen.get("value")
+    if not chosen:
+        raise ArtifactError(f"{c.layers}: layers artifact has no chosen layers")
+    return [int(x) for x in chosen]
+
+
+@contextmanager
+def interventions(lm: LoadedModel, c: EvalConfig) -> Iterator[dict]:
+    """The one call site of :mod:`mmie.edits.interventions`; nothing attached for the base arm."""
+    if not c.intervened:
+        yield {}
+        return
+    from mmie.edits.interventions import attached  # layer 3; only needed when an arm is evaluated
+
+    path = lambda p: Path(p) if p else None  # noqa: E731
+    with attached(lm, adapter=path(c.adapter), sae=path(c.sae),
+                  sae_gate_strength=c.gate_strength, scrub=path(c.scrub)) as applied:
+        yield dict(applied or {})
+
+
+def pooled_states(lm: LoadedModel, texts: Sequence[str], layers: list[int], c: EvalConfig,
+                  here: World, progress: Progress, desc: str) -> dict[int, torch.Tensor]:
+    """Mean-pooled states per layer, ``[len(texts), d]``, batched as :func:`harvest` batches
+    (length-sorted) but one harvest per batch, so the batches can be shared among processes."""
+    plan = length_batches([len(it.ids) for it in text_items(lm, texts, c.max_length)],
+                          c.batch_size)
+
+    def run(_: int, chunk: list[int]) -> list[dict[int, torch.Tensor]]:
+        got = harvest(lm, [texts[i] for i in chunk], layers, max_length=c.max_length,
+                      batch_size=len(chunk), token_sample=0, seed=c.seed).pooled
+        # clone: a row view would pickle (and gather) the whole batch's storage
+        return [{layer: rows[k].clone() for layer, rows in got.items()}
+                for k in range(len(chunk))]
+
+    rows = map_batches(plan, run, len(texts), here=here, progress=progress, desc=desc)
+    return {layer: torch.stack([row[layer] for row in rows]) for layer in rows[0]}
+
+
+def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
+                        members: list[str] | None, here: World, progress: Progress) -> Measured:
+    layers = chosen_layers(c, lm)
+    settings = c.generation()
+    kw = dict(batch_size=c.batch_size, progress=progress, here=here)
+    texts = {s.name: s.texts for s in sets}
+    with interventions(lm, c) as applied:
+        gens = {s.name: generate(lm, s.prompts, settings, progress=progress, here=here,
+                                 desc=f"generate {s.name}") for s in sets}
+        ppl = {name: score(lm, text_items(lm, texts[name], c.max_length), desc=f"ppl {name}",
+                           **kw) for name in ("retain", "forget")}
+        mia = None if members is None else (
+            score(lm, text_items(lm, members, c.max_length), desc="mia members", **kw),
+            ppl["forget"])
+        pooled = None if layers is None else tuple(
+            pooled_states(lm, texts[name], layers, c, here, progress, f"probe {name}")
+            for name in ("forget", "retain"))
+    return Measured(gens, ppl, mia, pooled, {}, applied, lm.identity)
+
+
+def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World,
+             progress: Progress, name: str) -> list[TokenScores]:
+    if all(g.logprobs is not None for g in gens):  # recorded while the base model generated
+        return [TokenScores(g.logprobs, ()) for g in gens]
+    return score(lm, continuation_items(gens), batch_size=c.batch_size, progress=progress,
+                 desc=f"fluency {name}", here=here)
+
+
+def measure(c: EvalConfig, sets: list[PromptSet], members: list[str] | None,
+            progress: Progress = SILENT) -> Measured:
+    """Load the model, run every model-dependent step, release the model.
+
+    Under a launcher every process must call it alike; each computes its share of the batches
+    and all return the same, complete result.
+    """
+    here = world()
+    with loaded(c.model) as lm:
+        got = _with_interventions(lm, c, sets, members, here, progress)
+        # fluency is judged by the base model: interventions are detached by now
+        got.fluency = {name: _fluency(lm, c, gens, here, progress, name)
+                       for name, gens in got.generations.items()}
+    return got

@@ -1,0 +1,1 @@
+"""gate: gate definitions (one registry), statistics glue, default thresholds, rendering."""

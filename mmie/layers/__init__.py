@@ -1,0 +1,1 @@
+"""select-layers: harvest activations, per-layer metrics, selection rules."""

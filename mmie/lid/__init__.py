@@ -1,0 +1,1 @@
+"""Language ID: detector backends, the ensemble rule, romanized detection, degeneracy."""

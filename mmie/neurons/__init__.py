@@ -1,0 +1,1 @@
+"""neurons: per-neuron scores, selection (Wanda, LAPE), frozen fine-tuning, comparison."""

@@ -1,0 +1,1 @@
+"""report: the HTML page built from artifacts."""

@@ -1,0 +1,1 @@
+"""unlearn: config, data, training loop, checkpoints, FSDP glue and the objectives."""

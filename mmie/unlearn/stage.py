@@ -1,0 +1,311 @@
+"""`unlearn`: train a LoRA or ReFT edit that forgets one language and keeps the others.
+
+Pipeline of one seed: read every text set (``DataError`` before any model loads), load the
+model once, attach a fresh edit (:mod:`mmie.edits.adapters`), compute the reference targets once
+(the base model *is* the reference: LoRA runs with adapters disabled, ReFT without its hooks,
+so no second model copy is loaded), train for ``steps`` steps (:mod:`mmie.unlearn.train`),
+save an ``adapter`` artifact, take the edit out and release the model. Several seeds run one
+after another, each with its own model load and release, into ``out/seed{N}``.
+
+Retain sets: each ``retain`` file is one set (a language). A retain batch draws each example's
+set with probability equal to the set's weight, so in expectation the retain loss is the
+weighted sum of the per-set losses. Weights default to equal *per set* (not per example), so a
+small set counts as much as a large one; ``retain_weights`` names a set by its path or file
+stem (``en`` for ``data/en.jsonl``); unnamed sets weigh 1; weights are normalised to sum to 1.
+
+Curriculum: forget texts are visited easiest first, in each epoch, where difficulty is the
+base model's *total* NLL of the text (its summed, not averaged, token NLL): short texts and
+texts the model finds likely come first.
+
+Checkpoints (:mod:`mmie.unlearn.checkpoint`): every ``checkpoint_every`` steps into
+``.{out name}.checkpoint`` beside the artifact. ``resume`` continues from it when the run
+settings match (``lr``, ``max_grad_norm`` and ``checkpoint_every`` may change), skips a seed
+whose artifact is already complete, and starts fresh where there is nothing to resume. The
+checkpoint is deleted once the artifact is saved; after a NaN/inf loss it is kept.
+
+Under ``torchrun`` / ``accelerate launch`` every process loads the model, computes the
+reference targets of its own share of the schedule and trains data-parallel (DDP, through
+accelerate); ``batch_size`` stays the global batch and must split evenly over the processes.
+Only rank 0 writes checkpoints and artifacts; the others wait for it and return the artifact
+it wrote. A failure to write on rank 0 reaches every process, so none waits forever.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mmie.core.artifacts import Artifact, load, save, sha256_file
+from mmie.core.data import read_texts
+from mmie.core.distributed import World, gather, main_writes, shard, world
+from mmie.core.errors import ArtifactError, DataError
+from mmie.core.models import LoadedModel, loaded
+from mmie.core.progress import SILENT, Progress
+from mmie.edits.adapters import DEFAULT_LAYERS, METHODS, Adapter, load_adapter
+from mmie.unlearn import fsdp as unlearn_fsdp
+from mmie.unlearn.checkpoint import checkpoint_dir, run_identity
+from mmie.unlearn.config import UnlearnConfig, parse_options
+from mmie.unlearn.data import (
+    References,
+    Schedule,
+    build_schedule,
+    curriculum_order,
+    encode,
+    forget_references,
+    retain_references,
+)
+from mmie.unlearn.train import Loop, Plan, Trainer, make_accelerator, train
+
+__all__ = ["UnlearnConfig", "checkpoint_dir", "load_adapter", "parse_options", "prepare", "run",
+           "run_seeds"]
+
+
+# --- data -------------------------------------------------------------------------------------
+
+@dataclass
+class TextData:
+    forget: list[str]
+    retain: list[list[str]]  # one list per retain set
+
+    def records(self, c: UnlearnConfig) -> dict:
+        weights = c.set_weights()
+        sets = [{"path": p, "name": n, "n": len(t), "weight": w, "sha256": _file_hash(p)}
+                for p, n, t, w in zip(c.retain, c.set_names(), self.retain, weights, strict=True)]
+        return {"forget": {"path": c.forget, "n": len(self.forget), "sha256": _file_hash(c.forget)},
+                "retain": sets}
+
+
+def _file_hash(path: str) -> str | None:
+    return sha256_file(Path(path)) if Path(path).is_file() else None
+
+
+def read_data(c: UnlearnConfig) -> TextData:
+    """Every text set, validated (``DataError`` on an empty or unreadable one)."""
+    forget = read_texts(c.forget, field=c.field, limit=c.max_samples)
+    retain = [read_texts(p, field=c.field, limit=c.max_samples) for p in c.retain]
+    return TextData(forget, retain)
+
+
+# --- preparing a run ---------------------------------------------------------------------------
+
+def edit_layers(c: UnlearnConfig, lm: LoadedModel, parent: Artifact | None) -> list[int]:
+    if parent is None:
+        return DEFAULT_LAYERS[c.method](lm.n_layers)
+    load(parent.path, kind="layers", model=lm.identity)  # made for this model?
+    chosen = parent.metrics.get("chosen")
+    chosen = chosen.get("value") if isinstance(chosen, dict) else chosen
+    if not chosen:
+        raise ArtifactError(f"{parent.path}: layers artifact has no chosen layers")
+    return sorted(int(i) for i in chosen)
+
+
+def act_layer(layers: Sequence[int], n_layers: int) -> int:
+    """RMU's default block: the deepest edited one, or the middle when every block is edited."""
+    return n_layers // 2 if len(layers) == n_layers else max(layers)
+
+
+@dataclass
+class Prepared:
+    trainer: Trainer
+    adapter: Adapter
+    layers: list[int]
+    options: dict  # resolved objective / retain-loss configs, for the manifest
+    reference_seconds: float
+
+
+def _rows(lm: LoadedModel, texts: list[str], max_length: int, what: str) -> list[list[int]]:
+    rows = [r for r in encode(lm, texts, max_length) if len(r) >= 2]
+    if not rows:
+        raise DataError(f"{what}: no text gives 2 or more tokens; nothing to train on")
+    return rows
+
+
+def prepare(c: UnlearnConfig, lm: LoadedModel, data: TextData,
+            parent: Artifact | None = None) -> Prepared:
+    """Attach a fresh edit, compute the reference targets once and build the trainer."""
+    _launched(c)
+    layers = edit_layers(c, lm, parent)
+    with torch.random.fork_rng(devices=[]):  # the same initial edit on every process
+        torch.manual_seed(c.seed)
+        adapter = METHODS[c.method].create(lm, c.spec(layers))
+    try:
+        return _prepare_with(c, lm, data, layers, adapter)
+    except BaseException:
+        adapter.remove()  # no LoRA layers left in the model on a failed setup; re-raised
+        raise
+
+
+def _prepare_with(c, lm, data, layers, adapter) -> Prepared:
+    here = world()
+    objective, retain_loss = c.build_objective(act_layer(layers, lm.n_layers)), \
+        c.build_retain_loss()
+    plan = Plan(objective, retain_loss, getattr(objective.config, "layer", None),
+                c.gate_weight, c.max_grad_norm, c.chunk_size)
+    forget = _rows(lm, data.forget, c.max_length, c.forget)
+    sets = [_rows(lm, t, c.max_length, p) for t, p in zip(data.retain, c.retain, strict=True)]
+    retain = [row for s in sets for row in s]
+    start = time.perf_counter()
+    refs, schedule = _references(c, lm, adapter, plan, forget, sets, here)
+    trainer = Trainer(lm, adapter, plan, forget, retain, refs, schedule, c.method_lr())
+    options = {"objective_config": asdict(objective.config),
+               "retain_loss_config": asdict(retain_loss.config)}
+    return Prepared(trainer, adapter, layers, options, time.perf_counter() - start)
+
+
+def _references(c, lm, adapter, plan: Plan, forget, sets,
+                here: World) -> tuple[References, Schedule]:
+    """This process's share of the batch schedule, and the reference targets of exactly the
+    examples that share visits."""
+    needs, rl, refs = plan.objective.needs, plan.retain_loss, References()
+    kw = dict(batch_size=c.batch_size, chunk_size=c.chunk_size)
+    order = _curriculum(lm, adapter, forget, refs, here, kw) if c.curriculum else None
+    schedule = build_schedule(len(forget), [len(s) for s in sets], c.set_weights(), c.steps,
+                              c.batch_size, c.seed, order).local(here)
+    if needs.reference_logprobs:
+        forget_references(lm, adapter, forget, sum(schedule.forget, []), refs, **kw)
+    top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
+    if top_k is not None or needs.reference_activations:
+        retain = [row for s in sets for row in s]
+        retain_references(lm, adapter, retain, sum(schedule.retain, []), refs, top_k=top_k,
+                          layer=plan.act_layer if needs.reference_activations else None, **kw)
+    return refs, schedule
+
+
+def _curriculum(lm, adapter, forget, refs: References, here: World, kw: dict) -> list[int]:
+    """Easiest-first order of every forget text. Each process scores its share and all share
+    the scores, so every process orders, and so schedules, alike."""
+    mine = shard(range(len(forget)), here)
+    forget_references(lm, adapter, forget, mine, refs, **kw)
+    for part in gather({i: (refs.forget_logp[i], refs.forget_tokens[i]) for i in mine}):
+        for i, (logp, n_tokens) in part.items():
+            refs.forget_logp[i], refs.forget_tokens[i] = logp, n_tokens
+    return curriculum_order(refs, len(forget))
+
+
+# --- training and saving ----------------------------------------------------------------------
+
+def _metrics(curve: list[dict], resumed: int, prepared: Prepared, data: TextData,
+             c: UnlearnConfig) -> dict:
+    timed = [r["seconds"] for r in curve[resumed:]]
+    return {"curve": curve, "final": curve[-1], "resumed_from_step": resumed,
+            "seconds_per_step": statistics.mean(timed) if timed else None,
+            "median_seconds_per_step": statistics.median(timed) if timed else None,
+            "reference_seconds": prepared.reference_seconds, "data": data.records(c),
+            "processes": prepared.trainer.processes, "fsdp": prepared.trainer.sharded}
+
+
+def _save(c: UnlearnConfig, out: Path, lm: LoadedModel, prepared: Prepared, metrics: dict,
+          parent: Artifact | None, force: bool) -> Artifact:
+    payload = prepared.adapter.payload()
+    config = {**c.to_dict(), "adapter": prepared.adapter.spec.to_dict(), "layers_used":
+              prepared.layers, "rank": c.method_rank(), "lr": c.method_lr(),
+              "retain_set_weights": dict(zip(c.set_names(), c.set_weights(), strict=True)),
+              **prepared.options}
+    return save(out, "adapter", tensors=payload.tensors, writer=payload.writer, config=config,
+                model=lm.identity, parents=[parent.path] if parent else [], metrics=metrics,
+                force=force)
+
+
+def _complete(out: Path) -> Artifact | None:
+    try:
+        return load(out, kind="adapter")
+    except ArtifactError:
+        return None
+
+
+def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,
+                  progress: Progress = SILENT) -> Artifact:
+    """One seed: train, save the ``adapter`` artifact, remove the edit, release the model."""
+    if resume and out.exists() and (done := _complete(out)) is not None:
+        return done
+    if out.exists() and not force:  # save() checks again; this spares a whole run
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    if unlearn_fsdp.wanted() and world().distributed:  # before the model loads
+        unlearn_fsdp.check(c.method, None, c.checkpoint_every, resume)
+    data = read_data(c)
+    parent = load(c.layers, kind="layers") if c.layers else None
+    ckpt, main = checkpoint_dir(out), world().main
+    with loaded(c.model) as lm:
+        prepared = prepare(c, lm, data, parent)
+        try:
+            desc = f"unlearn {c.method}-{c.objective} seed {c.seed}"
+            loop = Loop(c.steps, c.method_lr(), c.checkpoint_every, ckpt,
+                        run_identity(c.to_dict()), desc, main)
+            curve, resumed = train(prepared.trainer, loop, resume, progress)
+            metrics = _metrics(curve, resumed, prepared, data, c)
+            if prepared.trainer.sharded:  # every process, before rank 0 writes
+                unlearn_fsdp.gather_trainable(prepared.adapter)
+            artifact = main_writes(lambda: _save(c, out, lm, prepared, metrics, parent,
+                                                 force or resume),
+                                   lambda: load(out, kind="adapter"), str(out))
+        finally:
+            prepared.trainer.close()
+            prepared.adapter.remove()
+    if main:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return artifact
+
+
+def run_scrub(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,
+              progress: Progress = SILENT) -> Artifact:
+    """``--method scrub``: fit a forget-vs-retain direction per layer (no training; under a
+    launcher rank 0 fits it alone)."""
+    from mmie.edits.interventions import ScrubConfig, fit_scrub
+
+    del resume  # nothing to resume: the fit is one pass over the data
+    data = read_data(c)
+    parent = load(c.layers, kind="layers") if c.layers else None
+    settings = ScrubConfig(whiten=c.scrub_whiten, max_length=c.max_length,
+                           batch_size=c.batch_size, seed=c.seed)
+
+    def fit() -> Artifact:
+        with loaded(c.model) as lm:
+            layers = edit_layers(c, lm, parent)
+            retain = [t for texts in data.retain for t in texts]
+            return fit_scrub(lm, data.forget, retain, layers, out, config=settings, force=force,
+                             parents=[parent.path] if parent else [], progress=progress)
+
+    return main_writes(fit, lambda: load(out, kind="scrub"), str(out))
+
+
+RUNNERS: dict[str, Callable[..., Artifact]] = {
+    "lora": train_adapter, "reft": train_adapter, "scrub": run_scrub}
+
+
+def _launched(config: UnlearnConfig) -> None:
+    """Under a launcher: refuse an uneven batch split, and join the process group through
+    accelerate (which also gives each process its GPU) before any collective."""
+    here = world()
+    config.check_processes(here.size)
+    if here.distributed:
+        make_accelerator()
+
+
+def run(config: UnlearnConfig, out: Path | str, *, force: bool = False, resume: bool = False,
+        progress: Progress = SILENT) -> Artifact:
+    """Run one seed of ``config`` into ``out``; see the module docstring."""
+    _launched(config)
+    return RUNNERS[config.method](config, Path(out), force=force, resume=resume,
+                                  progress=progress)
+
+
+def run_seeds(config: UnlearnConfig, seeds: Sequence[int], out: Path | str, *,
+              force: bool = False, resume: bool = False,
+              progress: Progress = SILENT) -> list[Artifact]:
+    """One artifact per seed, one after another: ``out`` itself for a single seed, else
+    ``out/seed{N}``. Each seed loads and releases its own model, so memory does not grow."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    if len(seeds) == 1:
+        return [run(replace(config, seed=seeds[0]), out, force=force, resume=resume,
+                    progress=progress)]
+    _launched(config)
+    read_data(config)  # a bad file fails before the first seed's model loads
+    return [run(replace(config, seed=s), Path(out) / f"seed{s}", force=force, resume=resume,
+                progress=progress) for s in seeds]
