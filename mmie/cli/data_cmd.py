@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mmie.cli.app import data_app
 from mmie.cli.common import JsonOpt, emit_json, out, run_guarded
+from mmie.cli.options import FieldOpt
 
 
 def _table(report: dict) -> Table:
@@ -26,7 +27,7 @@ def _table(report: dict) -> Table:
 @data_app.command("check")
 def check(
     files: Annotated[list[str], typer.Argument(help="Text files (.jsonl, .txt, .tsv, .csv).")],
-    field: Annotated[str, typer.Option(help="JSON field or table column with the text.")] = "text",
+    field: FieldOpt = "text",
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Report token lengths with this model's tokenizer.")] = None,
     max_length: Annotated[int, typer.Option(help="Token budget for the truncation share.")] = 128,

@@ -27,6 +27,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.cli.options import BatchSizeOpt, FieldOpt, parse_pairs
 from mmie.core.distributed import world
 
 SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
@@ -35,17 +36,6 @@ SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
 SUMMARY = ("retain_ppl", "forget_ppl", "retain_ppl_ratio", "substitution.protected",
            "substitution.replacement", "romanized.romanized_rate", "mia_auc_loss",
            "mia_auc_mink_pp", "probe_auc")
-
-
-def parse_pairs(items: list[str], option: str) -> tuple[tuple[str, str], ...]:
-    """LANG=FILE pairs from a repeated option."""
-    pairs = []
-    for item in items:
-        lang, sep, path = item.partition("=")
-        if not sep or not lang.strip() or not path.strip():
-            raise typer.BadParameter(f"'{item}' is not LANG=FILE", param_hint=option)
-        pairs.append((lang.strip(), path.strip()))
-    return tuple(pairs)
 
 
 def _fmt(entry: dict | None) -> str:
@@ -105,7 +95,7 @@ def evaluate_cmd(
         help="Eval artifact of the base model, for the retain perplexity ratio.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
     n_prompts: Annotated[int, typer.Option(help="First N texts of each set.")] = 16,
-    batch_size: Annotated[int, typer.Option(help="Prompts / texts per forward pass.")] = 16,
+    batch_size: BatchSizeOpt = 16,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (seeded).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass when sampling.")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option(
@@ -119,7 +109,7 @@ def evaluate_cmd(
         help="Language expected to replace the forgotten one.")] = "en",
     protected: Annotated[str, typer.Option(
         help="Comma-separated related languages whose use counts as substitution.")] = "ur,pa,bn",
-    field: Annotated[str, typer.Option(help="JSON field or table column with the text.")] = "text",
+    field: FieldOpt = "text",
     strict: Annotated[bool, typer.Option(
         "--strict", help="A metric that cannot be computed is an error, not a gap.")] = False,
     seed: SeedOpt = 0,
@@ -139,7 +129,7 @@ def evaluate_cmd(
     """
     from mmie.evaluate.stage import EvalConfig, run
 
-    pairs = parse_pairs(xlang or [], "--xlang")
+    pairs = parse_pairs(xlang, "--xlang", "LANG=FILE")
 
     def body():
         config = EvalConfig(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
+from mmie.cli import neurons_views as views
 from mmie.cli.app import app
 from mmie.cli.common import (
     BlocksPathOpt,
@@ -20,12 +19,19 @@ from mmie.cli.common import (
     ModelOpt,
     OutOpt,
     SeedOpt,
-    emit_json,
-    info,
     model_spec,
-    out,
     progress,
     run_guarded,
+)
+from mmie.cli.options import (
+    BatchSizeOpt,
+    FieldOpt,
+    LayersOpt,
+    MaxLengthOpt,
+    MaxSamplesOpt,
+    parse_layers,
+    parse_pairs,
+    parse_share,
 )
 
 neurons_app = typer.Typer(
@@ -33,59 +39,6 @@ neurons_app = typer.Typer(
          "fine-tuning, score dynamics (drift vs redistribution) and ablation.",
     no_args_is_help=True)
 app.add_typer(neurons_app, name="neurons")
-
-FieldOpt = Annotated[str, typer.Option(help="JSON field or table column with the text.")]
-MaxLengthOpt = Annotated[int, typer.Option(help="Tokens per text.")]
-LayersOpt = Annotated[str | None, typer.Option(
-    help="Blocks, e.g. '0,3,8-12' (default: all).")]
-
-
-def parse_pairs(items: list[str] | None, option: str) -> tuple[tuple[str, str], ...]:
-    """NAME=VALUE pairs from a repeated option."""
-    pairs = []
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise typer.BadParameter(f"'{item}' is not NAME=VALUE", param_hint=option)
-        pairs.append((name.strip(), value.strip()))
-    return tuple(pairs)
-
-
-def parse_layers(text: str | None, option: str = "--layers") -> tuple[int, ...] | None:
-    """'0,3,8-12' -> (0, 3, 8, 9, 10, 11, 12); None stays None."""
-    if text is None:
-        return None
-    layers = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            low, _, high = part.partition("-")
-            layers += range(int(low), int(high or low) + 1)
-    except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a list like 0,3,8-12",
-                                 param_hint=option) from None
-    return tuple(layers)
-
-
-def parse_share(text: str) -> float:
-    """'3%' or '0.03' -> 0.03."""
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a share like 3% or 0.03",
-                                 param_hint="--top") from None
-    if not 0 < value <= 1:
-        raise typer.BadParameter(f"'{text}' is not in (0, 100%]", param_hint="--top")
-    return value
-
-
-def _counts_table(title: str, per_layer: dict) -> Table:
-    table = Table(title=title)
-    for col in ("layer", "selected"):
-        table.add_column(col, justify="right")
-    for layer, n in per_layer.items():
-        table.add_row(str(layer), str(n))
-    return table
-
 
 @neurons_app.command("score")
 def score_cmd(
@@ -98,9 +51,9 @@ def score_cmd(
     adapter: Annotated[str | None, typer.Option(
         help="Score the model fine-tuned by this artifact (adapter, or neurons finetune).")] = None,
     layers: LayersOpt = None,
-    max_samples: Annotated[int | None, typer.Option(help="At most this many texts per set.")] = 200,
+    max_samples: MaxSamplesOpt = 200,
     max_length: MaxLengthOpt = 128,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
+    batch_size: BatchSizeOpt = 8,
     field: FieldOpt = "text",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -121,17 +74,9 @@ def score_cmd(
         langs=langs, adapter=adapter, layers=chosen, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, seed=seed), out_dir, force=force,
         progress=progress()))
-    metrics = artifact.metrics
     if json_out:
-        emit_json({"artifact": str(artifact.path), **metrics})
-        return
-    table = Table(title=f"neuron scores ({Path(data).name})")
-    for col in ("layer", "mean Wanda"):
-        table.add_column(col, justify="right")
-    for layer, mean in metrics["wanda_mean"].items():
-        table.add_row(str(layer), f"{mean:.4g}")
-    out.print(table)
-    info(f"scores written to {artifact.path}")
+        return views.as_json(artifact)
+    views.score(artifact, data)
 
 
 @neurons_app.command("select")
@@ -170,13 +115,9 @@ def select_cmd(
         scope=scope, score=score, langs=langs, target_lang=target_lang,
         lape_quantile=lape_quantile, min_prob=min_prob, prob_quantile=prob_quantile),
         out_dir, force=force))
-    m = artifact.metrics
     if json_out:
-        emit_json({"artifact": str(artifact.path), **m})
-        return
-    out.print(_counts_table("selected neurons", m["per_layer"]))
-    info(f"{m['selected']} of {m['neurons']} neurons ({m['share']:.2%}); mask written to "
-         f"{artifact.path}")
+        return views.as_json(artifact)
+    views.select(artifact)
 
 
 @neurons_app.command("finetune")
@@ -224,16 +165,9 @@ def finetune_cmd(
         lora_layers=lora_l, train_layers=train_l, epochs=epochs, steps=steps, lr=lr,
         batch_size=batch_size, max_length=max_length, max_samples=max_samples, seed=seed),
         out_dir, force=force, progress=progress()))
-    m = artifact.metrics
     if json_out:
-        emit_json({"artifact": str(artifact.path), **m})
-        return
-    info(f"{m['steps']} steps, loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}; "
-         f"{m['n_frozen']} frozen neurons bit-identical: {m['frozen_bit_identical']}")
-    if m.get("lora_touches_mlp"):
-        info(f"[yellow]LoRA adapts {', '.join(m['lora_touches_mlp'])}: the frozen neurons' "
-             "effective weights can change[/]")
-    info(f"{artifact.kind} artifact written to {artifact.path}")
+        return views.as_json(artifact)
+    views.finetune(artifact)
 
 
 @neurons_app.command("compare")
@@ -258,24 +192,9 @@ def compare_cmd(
     artifact = run_guarded(lambda: run_compare(CompareConfig(
         before=before, after=after, neurons=neurons, drift=drift, stable=stable, score=score,
         n_perm=n_perm, seed=seed), out_dir, force=force))
-    m = artifact.metrics
     if json_out:
-        emit_json({"artifact": str(artifact.path), **m})
-        return
-    table = Table(title=f"{score} score dynamics")
-    for col in ("neurons", "n", "mean before", "mean after", "mean rel. change", "median"):
-        table.add_column(col, justify="right")
-    for group in ("frozen", "other"):
-        g = m[group]
-        cells = (g["before"]["mean"], g["after"]["mean"], g["change"]["mean"],
-                 g["change"]["median"])
-        table.add_row(group, str(g["change"]["n"]),
-                      *("—" if v is None else f"{v:.4g}" for v in cells))
-    out.print(table)
-    p = lambda t: "—" if m[t].get("p") is None else f"{m[t]['p']:.3g}"  # noqa: E731
-    out.print(f"verdict: [bold]{m['verdict']}[/] ({m['verdict_label']}); Mann-Whitney p="
-              f"{p('mann_whitney')}, permutation p={p('perm')}")
-    info(f"compare written to {artifact.path} (hist_scores.png, hist_change.png)")
+        return views.as_json(artifact)
+    views.compare(artifact, score)
 
 
 @neurons_app.command("ablate")
@@ -308,12 +227,7 @@ def ablate_cmd(
         neurons=neurons,
         scale=scale, prompts=tuple(prompt or ()), max_new_tokens=max_new_tokens, data=data,
         field=field, max_samples=max_samples, max_length=max_length), out_dir, force=force))
-    m = artifact.metrics
     if json_out:
-        emit_json({"artifact": str(artifact.path), **m})
-        return
-    for row in artifact.read_jsonl("demo.jsonl"):
-        out.print(f"[bold]{row['prompt']}[/]\n  before: {row['before']}\n  after:  {row['after']}")
-    if isinstance(m["nll_before"], float):
-        out.print(f"mean NLL on {data}: {m['nll_before']:.4f} -> {m['nll_after']:.4f}")
-    info(f"{m['selected']} neurons scaled by {scale:g}; ablation arm written to {artifact.path}")
+        return views.as_json(artifact)
+    views.ablate(artifact, data, scale)
+

@@ -27,20 +27,10 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.cli.options import BatchSizeOpt, FieldOpt, MaxLengthOpt, MaxSamplesOpt, parse_pairs
 
 METRIC_COLUMNS = (("probe_auc", "probe AUC"), ("debiased_cka", "dCKA"), ("linear_cka", "CKA"),
                   ("procrustes", "Procrustes"), ("anc", "ANC"))
-
-
-def parse_lang(items: list[str]) -> tuple[tuple[str, str], ...]:
-    """NAME=FILE pairs from repeated --lang options."""
-    pairs = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise typer.BadParameter(f"'{item}' is not NAME=FILE", param_hint="--lang")
-        pairs.append((name.strip(), path.strip()))
-    return tuple(pairs)
 
 
 def _fmt(value) -> str:
@@ -87,17 +77,16 @@ def select_layers_cmd(
              "probe-procrustes.")] = "probe-cka",
     include_last: Annotated[bool, typer.Option(
         "--include-last", help="Also offer the last block (excluded by default).")] = False,
-    max_samples: Annotated[int | None, typer.Option(help="At most this many texts per set.")] = (
-        None),
-    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
+    max_samples: MaxSamplesOpt = None,
+    max_length: MaxLengthOpt = 128,
+    batch_size: BatchSizeOpt = 8,
     folds: Annotated[int, typer.Option(help="Folds of the linear probe.")] = 5,
     pairing: Annotated[str, typer.Option(
         help="auto: forget/retain paired when they have as many records; yes; no.")] = "auto",
     lang: Annotated[list[str] | None, typer.Option(
         "--lang", help="NAME=FILE text set for counting language-specific neurons; repeat, "
                        "at least two (e.g. hi=hi.txt en=en.txt ur=ur.txt).")] = None,
-    field: Annotated[str, typer.Option(help="JSON field or table column with the text.")] = "text",
+    field: FieldOpt = "text",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -110,7 +99,7 @@ def select_layers_cmd(
     """Compare forget vs retain activations per layer and pick the layers to work on."""
     from mmie.layers.stage import SelectLayersConfig, run
 
-    langs = parse_lang(lang or [])
+    langs = parse_pairs(lang, "--lang", "NAME=FILE")
 
     def body():
         config = SelectLayersConfig(

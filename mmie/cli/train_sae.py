@@ -27,6 +27,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.cli.options import BatchSizeOpt, FieldOpt, MaxSamplesOpt
 
 
 def _fmt(value) -> str:
@@ -70,7 +71,7 @@ def train_sae_cmd(
                         "--layer 5).")] = None,
     general: Annotated[str | None, typer.Option(help="Optional general text for the mix.")
                        ] = None,
-    field: Annotated[str, typer.Option(help="JSON field or column holding the text.")] = "text",
+    field: FieldOpt = "text",
     expansion: Annotated[int, typer.Option(help="Latents per hidden dimension.")] = 16,
     k: Annotated[int, typer.Option("--k", help="Active latents per token.")] = 32,
     arch: Annotated[str, typer.Option(help="topk, batchtopk or matryoshka.")] = "topk",
@@ -81,9 +82,8 @@ def train_sae_cmd(
     buffer_tokens: Annotated[int, typer.Option(help="Shuffle-buffer size in tokens.")] = 16_384,
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 50,
     max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
-    max_samples: Annotated[int | None, typer.Option(help="At most this many texts per set.")
-                           ] = None,
+    batch_size: BatchSizeOpt = 8,
+    max_samples: MaxSamplesOpt = None,
     holdout: Annotated[float, typer.Option(help="Share of each set held out for quality and "
                                                 "features.")] = 0.1,
     max_heldout: Annotated[int, typer.Option(help="At most this many held-out texts per set.")

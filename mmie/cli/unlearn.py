@@ -24,22 +24,13 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.cli.options import FieldOpt, MaxLengthOpt, MaxSamplesOpt, parse_pairs
 from mmie.core.distributed import world
-
-
-def _pairs(items: list[str] | None, what: str) -> tuple[tuple[str, str], ...]:
-    out = []
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise typer.BadParameter(f"{what} '{item}' is not NAME=VALUE")
-        out.append((name.strip(), value.strip()))
-    return tuple(out)
 
 
 def _weights(items: list[str] | None) -> tuple[tuple[str, float], ...]:
     try:
-        return tuple((name, float(value)) for name, value in _pairs(items, "--retain-weight"))
+        return tuple((name, float(value)) for name, value in parse_pairs(items, "--retain-weight"))
     except ValueError as exc:
         raise typer.BadParameter(f"--retain-weight: {exc}") from None
 
@@ -110,7 +101,7 @@ def unlearn_cmd(
     batch_size: Annotated[int, typer.Option(
         help="Texts per forget (and retain) batch; under a launcher the global batch, split "
              "evenly over the processes.")] = 4,
-    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 64,
+    max_length: MaxLengthOpt = 64,
     rank: Annotated[int | None, typer.Option(help="LoRA / ReFT rank (default 8 / 4).")] = None,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 16.0,
     target_modules: Annotated[list[str] | None, typer.Option(
@@ -130,9 +121,8 @@ def unlearn_cmd(
     ] = False,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (global L2 norm).")
                              ] = 1.0,
-    max_samples: Annotated[int | None, typer.Option(help="At most this many texts per file.")
-                           ] = None,
-    field: Annotated[str, typer.Option(help="JSON field or column holding the text.")] = "text",
+    max_samples: MaxSamplesOpt = None,
+    field: FieldOpt = "text",
     scrub_whiten: Annotated[bool, typer.Option(
         "--scrub-whiten", help="--method scrub: LEACE-style whitened eraser.")] = False,
     device: DeviceOpt = "auto",
@@ -155,8 +145,8 @@ def unlearn_cmd(
         config = UnlearnConfig(
             forget=forget, retain=tuple(retain), field=field,
             model=model_spec(model, device, dtype, None, blocks_path), method=method,
-            objective=objective, objective_options=_pairs(objective_opt, "--objective-opt"),
-            retain_loss=retain_loss, retain_options=_pairs(retain_opt, "--retain-opt"),
+            objective=objective, objective_options=parse_pairs(objective_opt, "--objective-opt"),
+            retain_loss=retain_loss, retain_options=parse_pairs(retain_opt, "--retain-opt"),
             retain_weights=_weights(retain_weight), layers=str(layers) if layers else None,
             steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, rank=rank,
             alpha=alpha, target_modules=_modules(target_modules) or LORA_TARGETS, gate=gate,

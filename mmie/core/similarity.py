@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mmie.core.errors import MetricError
+from mmie.core.registry import Registry
 
 
 def _as_matrix(x, name: str) -> np.ndarray:
@@ -194,16 +195,14 @@ class LayerMetric:
     description: str
 
 
-LAYER_METRICS: dict[str, LayerMetric] = {}
+LAYER_METRICS: Registry[LayerMetric] = Registry("layer metric")
 
 
 def register_metric(name: str, *, paired: bool, description: str):
     """Decorator adding ``fn`` to :data:`LAYER_METRICS` under ``name``."""
 
     def add(fn: Callable[..., float]) -> Callable[..., float]:
-        if name in LAYER_METRICS:
-            raise ValueError(f"layer metric '{name}' is already registered")
-        LAYER_METRICS[name] = LayerMetric(name, fn, paired, description)
+        LAYER_METRICS.add(name, LayerMetric(name, fn, paired, description))
         return fn
 
     return add

@@ -32,6 +32,7 @@ from mmie.core.artifacts import Artifact, load, safetensors_header
 from mmie.core.errors import ArtifactError, ModelError
 from mmie.core.hooks import edit_blocks
 from mmie.core.models import LoadedModel, unwrap
+from mmie.core.registry import Registry
 from mmie.edits.reft import GatedIntervention, ReftConfig, build_intervention, intervention_shapes
 
 # Attention and MLP projections of Llama / Qwen2 / Gemma / Mistral blocks.
@@ -151,18 +152,8 @@ class Adapter:
                 param.copy_(tensors[name])
 
 
-METHODS: dict[str, type[Adapter]] = {}
-
-
-def register_method(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
-    def add(cls: type[Adapter]) -> type[Adapter]:
-        if name in METHODS:
-            raise ValueError(f"adapter method '{name}' is already registered")
-        cls.method = name
-        METHODS[name] = cls
-        return cls
-
-    return add
+METHODS: Registry[type[Adapter]] = Registry("adapter method", tag="method")
+register_method = METHODS.decorator
 
 
 def check_names_shapes(where: str, found: dict[str, tuple], expected: dict[str, tuple]) -> None:

@@ -20,6 +20,7 @@ from mmie.core.artifacts import Artifact, ModelIdentity, check_model, load
 from mmie.core.errors import ArtifactError, ModelError
 from mmie.core.hooks import HookSpec, hooked
 from mmie.core.models import LoadedModel
+from mmie.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,11 @@ class MlpLayout:
     act: str
 
 
-LAYOUTS: dict[str, MlpLayout] = {}
+LAYOUTS: Registry[MlpLayout] = Registry("MLP layout")
 
 
 def register_layout(layout: MlpLayout) -> MlpLayout:
-    if layout.name in LAYOUTS:
-        raise ValueError(f"MLP layout '{layout.name}' is already registered")
-    LAYOUTS[layout.name] = layout
-    return layout
+    return LAYOUTS.add(layout.name, layout)
 
 
 register_layout(MlpLayout("gated", "mlp", "down_proj", ("gate_proj", "up_proj"), "act_fn"))

@@ -26,7 +26,6 @@ State-dict keys (stable, independent of torch's parametrization internals; ``d``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,10 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from mmie.core.registry import Registry
+
 # how far R R^T may stray from I in a loaded file before we call it corrupt, not rounding
 _ORTHONORMAL_TOL = 1e-4
-_INTERVENTIONS: dict[str, type[Intervention]] = {}
-_GATES: dict[str, type[nn.Module]] = {}
+_INTERVENTIONS: Registry[type[Intervention]] = Registry("intervention", tag="kind")
+_GATES: Registry[type[nn.Module]] = Registry("ReFT gate", tag="kind")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ReftConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def _check_choice(field: str, value: str, registry: dict) -> None:
+def _check_choice(field: str, value: str, registry: Registry) -> None:
     if value not in registry:
         raise ValueError(f"{field} must be one of {', '.join(sorted(registry))}; got {value!r}")
 
@@ -71,24 +72,8 @@ def _check_width(config: ReftConfig, d_model: int) -> None:
         raise ValueError(f"rank {config.rank} must be between 1 and d_model ({d_model})")
 
 
-def _registrar(registry: dict[str, type]) -> Callable[[str], Callable[[type], type]]:
-    def register(name: str) -> Callable[[type], type]:
-        """Class decorator: make the class available under ``name``."""
-
-        def add(cls: type) -> type:
-            if name in registry:
-                raise ValueError(f"{name!r} is already registered")
-            cls.kind = name
-            registry[name] = cls
-            return cls
-
-        return add
-
-    return register
-
-
-register_intervention = _registrar(_INTERVENTIONS)
-register_gate = _registrar(_GATES)
+register_intervention = _INTERVENTIONS.decorator
+register_gate = _GATES.decorator
 
 
 def intervention_kinds() -> list[str]:

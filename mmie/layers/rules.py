@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mmie.core.errors import MetricError
+from mmie.core.registry import Registry
 from mmie.core.similarity import LAYER_METRICS, probe_auc
 
 PROBE = "probe_auc"
@@ -105,14 +106,11 @@ class Strategy:
     description: str
 
 
-STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
-    if strategy.name in STRATEGIES:
-        raise ValueError(f"strategy '{strategy.name}' is already registered")
-    STRATEGIES[strategy.name] = strategy
-    return strategy
+    return STRATEGIES.add(strategy.name, strategy)
 
 
 register_strategy(Strategy(

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmie.core.registry import Registry
 from mmie.sae.kernels import SparseEncode, segment_sum, token_ids
 from mmie.sae.shard import BatchShard
 
-SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
+SAE_REGISTRY: Registry[type[SparseAutoencoder]] = Registry("SAE architecture", tag="arch")
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,7 @@ def _check(ok: bool, message: str) -> None:
 
 def register_sae(name: str) -> Callable[[type[SparseAutoencoder]], type[SparseAutoencoder]]:
     """Class decorator: make an architecture available as ``SaeConfig(arch=name)``."""
-
-    def add(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
-        _check(name not in SAE_REGISTRY, f"SAE architecture {name!r} is already registered")
-        cls.arch = name
-        SAE_REGISTRY[name] = cls
-        return cls
-
-    return add
+    return SAE_REGISTRY.decorator(name)
 
 
 def build_sae(cfg: SaeConfig, *, device: torch.device | str | None = None,

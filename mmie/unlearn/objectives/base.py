@@ -14,11 +14,12 @@ share by its count of that unit and recover the mean over the whole global batch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from torch import Tensor
+
+from mmie.core.registry import Registry
 
 # What a mean runs over: whole sequences, predicted tokens (positions with a next token), or the
 # real tokens other than BOS whose block activations an objective reads.
@@ -64,25 +65,7 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 
-def _registrar(registry: dict[str, type], kind: str) -> Callable[[str], Callable[[type], type]]:
-    """A ``register_<kind>(name)`` class decorator that fills ``registry``."""
-
-    def register(name: str) -> Callable[[type], type]:
-        """Class decorator: make the class available under ``name``."""
-
-        def add(cls: type) -> type:
-            if name in registry:
-                raise ValueError(f"{kind} {name!r} is already registered")
-            cls.name = name
-            registry[name] = cls
-            return cls
-
-        return add
-
-    return register
-
-
-def _build(registry: dict[str, type], kind: str, name: str, options: dict):
+def _build(registry: Registry, kind: str, name: str, options: dict):
     if name not in registry:
         raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
     cls = registry[name]
@@ -142,10 +125,8 @@ class Objective:
         return logp, n_tokens
 
 
-_OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-register_objective = _registrar(_OBJECTIVES, "objective")
+_OBJECTIVES: Registry[type[Objective]] = Registry("objective", tag="name")
+register_objective = _OBJECTIVES.decorator
 
 
 def objective_names() -> list[str]:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from mmie.core import losses
-from mmie.unlearn.objectives.base import _build, _check_positive, _registrar, _require
+from mmie.core.registry import Registry
+from mmie.unlearn.objectives.base import _build, _check_positive, _require
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,10 +55,8 @@ class RetainLoss:
         return n_tokens
 
 
-_RETAIN_LOSSES: dict[str, type[RetainLoss]] = {}
-
-
-register_retain_loss = _registrar(_RETAIN_LOSSES, "retain loss")
+_RETAIN_LOSSES: Registry[type[RetainLoss]] = Registry("retain loss", tag="name")
+register_retain_loss = _RETAIN_LOSSES.decorator
 
 
 def retain_loss_names() -> list[str]:
