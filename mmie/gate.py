@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mmie import provenance
 from mmie.artifacts import Artifact, save
 from mmie.errors import MetricError
 from mmie.gate_metrics import (
@@ -382,6 +383,7 @@ def run(config: GateConfig, baseline: Path, evals: Sequence[Path], out: Path,
     """Judge every eval artifact against ``baseline``; write a ``gate`` artifact at ``out``."""
     if not evals:
         raise ValueError("give at least one eval artifact")
+    provenance.gate_start(baseline, evals, out, force)
     base, arms = read_eval(Path(baseline)), group_evals(evals)
     check_inputs(base, arms)
     results = evaluate_gates(config, base, arms, progress)

@@ -26,6 +26,7 @@ from mmie.cli.common import (
     model_spec,
     progress,
     run_guarded,
+    writes,
 )
 
 METRIC_COLUMNS = (("probe_auc", "probe AUC"), ("debiased_cka", "dCKA"), ("linear_cka", "CKA"),
@@ -108,6 +109,7 @@ def select_layers_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Compare forget vs retain activations per layer and pick the layers to work on."""
+    from mmie.provenance import refuse_same_texts
     from mmie.select_layers import SelectLayersConfig, run
 
     langs = parse_lang(lang or [])
@@ -119,7 +121,8 @@ def select_layers_cmd(
             max_length=max_length, batch_size=batch_size, folds=folds, seed=seed,
             pairing=pairing,
             model=model_spec(model, device, dtype, device_map, blocks_path, max_memory))
-        return run(config, Path(out), force=force, progress=progress())
+        refuse_same_texts(forget, [retain])
+        return run(writes(config, Path(out), force), Path(out), force=force, progress=progress())
 
     artifact = run_guarded(body)
     metrics = artifact.metrics
