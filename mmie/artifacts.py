@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmie import __version__
-from mmie.errors import ArtifactError
+from mmie.errors import ArtifactError, CorruptFileError
 
 FORMAT = "mmie-artifact"
 SCHEMA_VERSION = 1
@@ -170,11 +170,16 @@ def _parents(parents) -> list[dict]:
     return out
 
 
+def check_names_a_folder(out: Path) -> None:
+    """``--out ''`` arrives as ``.``: the current folder is never an artifact to write."""
+    if str(out) in ("", ".") or out.resolve() == Path.cwd().resolve():
+        raise ArtifactError(f"--out '{out}' names the current folder; give a new folder name")
+
+
 def check_target(out: Path, force: bool, resume: bool = False) -> None:
     """Refuse an ``out`` that names no folder, is a file or a foreign folder, or (without
     ``force`` or ``resume``) an existing artifact."""
-    if str(out) in ("", ".") or out.resolve() == Path.cwd().resolve():
-        raise ArtifactError(f"--out '{out}' names the current folder; give a new folder name")
+    check_names_a_folder(out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} is a file, not an artifact folder; refusing to replace it")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
@@ -317,7 +322,7 @@ def safetensors_header(path: Path) -> dict:
         if not all(isinstance(v, dict) and {"shape", "dtype"} <= set(v) for v in header.values()):
             raise ValueError("an entry lacks 'shape' or 'dtype'")
     except (struct.error, ValueError, AttributeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not a readable safetensors file (corrupt header: "
+        raise CorruptFileError(f"{path}: not a readable safetensors file (corrupt header: "
                             f"{exc})") from exc
     return header
 

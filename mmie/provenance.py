@@ -20,7 +20,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmie.artifacts import Artifact, ModelIdentity, check_target, clean_stale, load, sha256_file
+from mmie.artifacts import (
+    Artifact,
+    ModelIdentity,
+    check_names_a_folder,
+    check_target,
+    clean_stale,
+    load,
+    sha256_file,
+)
 from mmie.errors import ArtifactError, DataError
 
 # config fields that name no file, whatever their value happens to match on disk
@@ -83,8 +91,9 @@ def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, force: bool
               resume: bool = False, main: bool = True) -> Path:
     """Everything about ``out`` that can be known before the work starts (module docstring)."""
     out = Path(out)
+    check_names_a_folder(out)
+    check_overlap(out, inputs)  # before the target: "it is your input" says more than "exists"
     check_target(out, force, resume)
-    check_overlap(out, inputs)
     if main:  # only the writing process tidies, so no rank removes another's live folder
         clean_stale(out)
     return out
