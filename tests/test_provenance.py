@@ -403,3 +403,18 @@ def test_f8_forget_equal_to_retain_is_refused(files, tmp_path, monkeypatch):
                                  str(copy), "--model", "tiny:llama", "--out",
                                  str(tmp_path / "s")])
     assert result.exit_code == 1 and "also given as retain set" in _said(result)
+
+
+def test_f8_a_nan_in_the_baseline_is_blamed_on_the_baseline(tmp_path):
+    baseline = load(make_eval(tmp_path / "src", "base", "base", 0, BASELINE))
+    rows = baseline.read_jsonl("samples.jsonl")
+    rows[0]["fluency_nll"] = float("nan")
+    files = {rel: baseline.read_text(rel) for rel in baseline.manifest["files"]}
+    files["samples.jsonl"] = "".join(json.dumps(r) + "\n" for r in rows)
+    broken = save(tmp_path / "base", "eval", tensors={}, config=baseline.config, model=None,
+                  files=files, metrics=baseline.metrics).path
+    arm = make_eval(tmp_path, "arm", "lora-npo", 1, WORKING)
+    report = json.loads(gate(_gate_config(), broken, [arm], tmp_path / "g").read_text(
+        "gate.json"))
+    reasons = [g["reason"] for g in report["gates"] if "NaN" in g["reason"]]
+    assert reasons and all(f"of the baseline {broken}" in r for r in reasons)
