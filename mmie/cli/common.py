@@ -158,6 +158,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on s
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 
 
+def writes(config: T, out: Path, force: bool = False, resume: bool = False,
+           main: bool = True) -> T:
+    """``config``, once ``--out`` passed every check that needs no work (it is not, does not
+    contain and is not inside any path the config names; :func:`mmie.core.provenance.check_out`)."""
+    from mmie.core.provenance import check_out, config_inputs
+
+    check_out(out, config_inputs(config), force=force, resume=resume, main=main)
+    return config
+
+
 def model_spec(model: str, device: str = "auto", dtype: str = "auto",
                device_map: str | None = None, blocks_path: str | None = None,
                max_memory: str | None = None):

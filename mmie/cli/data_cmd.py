@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mmie.cli.app import data_app
-from mmie.cli.common import JsonOpt, emit_json, out, run_guarded
+from mmie.cli.common import JsonOpt, emit_json, fail, out, run_guarded
 from mmie.cli.options import FieldOpt
 
 
@@ -35,14 +35,16 @@ def check(
     json_out: JsonOpt = False,
 ) -> None:
     """Counts, empty and duplicate lines, script and language mix, token lengths, overlaps."""
-    from mmie.datacheck.check import CheckConfig, run
+    from mmie.datacheck.check import CheckConfig, problems, run
 
     report = run_guarded(lambda: run(CheckConfig(tuple(files), field, model, max_length, lid)))
     if json_out:
         emit_json(report)
-        return
-    out.print(_table(report))
-    for pair in report["overlap"]:
-        if pair["shared"]:
-            out.print(f"[yellow]overlap:[/] {pair['shared']} texts in both {pair['a']} "
-                      f"and {pair['b']}")
+    else:
+        out.print(_table(report))
+        for pair in report["overlap"]:
+            if pair["shared"]:
+                out.print(f"[yellow]overlap:[/] {pair['shared']} texts in both {pair['a']} "
+                          f"and {pair['b']}")
+    if found := problems(report):  # the report is shown first, then the refusal
+        raise fail("; ".join(found), 1)

@@ -21,6 +21,7 @@ from mmie.cli.common import (
     progress,
     run_guarded,
 )
+from mmie.core.errors import MmieError
 
 _STYLES = {"PASS": "green", "FAIL": "red", "REPORT": "dim", "PROCEED": "bold green",
            "STOP": "bold red"}
@@ -76,6 +77,8 @@ def gate_cmd(
     from mmie.gate.stage import STOP, GateConfig, run
 
     def body():
+        if config is not None and not config.is_file():
+            raise MmieError(f"--config {config}: no such file (a TOML file of gate thresholds)")
         settings = GateConfig.from_toml(config, alpha=alpha, n_boot=n_boot, seed=seed)
         return run(settings, baseline, [*evals, *(more_evals or [])], out, force=force,
                    progress=progress())

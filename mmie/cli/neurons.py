@@ -22,6 +22,7 @@ from mmie.cli.common import (
     model_spec,
     progress,
     run_guarded,
+    writes,
 )
 from mmie.cli.options import (
     BatchSizeOpt,
@@ -68,12 +69,12 @@ def score_cmd(
     from mmie.neurons.stage import ScoreConfig, run_score
 
     langs, chosen = parse_pairs(lang, "--lang"), parse_layers(layers)
-    artifact = run_guarded(lambda: run_score(ScoreConfig(
+    artifact = run_guarded(lambda: run_score(writes(ScoreConfig(
         model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
         data=data, field=field,
         langs=langs, adapter=adapter, layers=chosen, max_samples=max_samples,
-        max_length=max_length, batch_size=batch_size, seed=seed), out_dir, force=force,
-        progress=progress()))
+        max_length=max_length, batch_size=batch_size, seed=seed), out_dir, force),
+        out_dir, force=force, progress=progress()))
     if json_out:
         return views.as_json(artifact)
     views.score(artifact, data)
@@ -110,10 +111,11 @@ def select_cmd(
     from mmie.neurons.stage import SelectConfig, run_select
 
     share, langs = parse_share(top), parse_pairs(lang, "--lang")
-    artifact = run_guarded(lambda: run_select(SelectConfig(
+    artifact = run_guarded(lambda: run_select(writes(SelectConfig(
         method="lape" if lape else "diff", target=target, reference=reference, top=share,
         scope=scope, score=score, langs=langs, target_lang=target_lang,
         lape_quantile=lape_quantile, min_prob=min_prob, prob_quantile=prob_quantile),
+        out_dir, force),
         out_dir, force=force))
     if json_out:
         return views.as_json(artifact)
@@ -158,12 +160,13 @@ def finetune_cmd(
 
     modules = tuple(t.strip() for t in target_modules.split(",") if t.strip())
     lora_l, train_l = parse_layers(lora_layers), parse_layers(train_layers, "--train-layers")
-    artifact = run_guarded(lambda: run_finetune(FinetuneConfig(
+    artifact = run_guarded(lambda: run_finetune(writes(FinetuneConfig(
         model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
         neurons=neurons,
         data=data, field=field, lora=lora, rank=rank, alpha=alpha, target_modules=modules,
         lora_layers=lora_l, train_layers=train_l, epochs=epochs, steps=steps, lr=lr,
         batch_size=batch_size, max_length=max_length, max_samples=max_samples, seed=seed),
+        out_dir, force),
         out_dir, force=force, progress=progress()))
     if json_out:
         return views.as_json(artifact)
@@ -189,9 +192,9 @@ def compare_cmd(
     """Score dynamics of frozen vs other neurons and the Hypothesis A / B verdict."""
     from mmie.neurons.compare import CompareConfig, run_compare
 
-    artifact = run_guarded(lambda: run_compare(CompareConfig(
+    artifact = run_guarded(lambda: run_compare(writes(CompareConfig(
         before=before, after=after, neurons=neurons, drift=drift, stable=stable, score=score,
-        n_perm=n_perm, seed=seed), out_dir, force=force))
+        n_perm=n_perm, seed=seed), out_dir, force), out_dir, force=force))
     if json_out:
         return views.as_json(artifact)
     views.compare(artifact, score)
@@ -222,11 +225,12 @@ def ablate_cmd(
     """Scale the selected neurons' activations: an ablation arm, with a before/after demo."""
     from mmie.neurons.stage import AblateConfig, run_ablate
 
-    artifact = run_guarded(lambda: run_ablate(AblateConfig(
+    artifact = run_guarded(lambda: run_ablate(writes(AblateConfig(
         model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
         neurons=neurons,
         scale=scale, prompts=tuple(prompt or ()), max_new_tokens=max_new_tokens, data=data,
-        field=field, max_samples=max_samples, max_length=max_length), out_dir, force=force))
+        field=field, max_samples=max_samples, max_length=max_length),
+        out_dir, force), out_dir, force=force))
     if json_out:
         return views.as_json(artifact)
     views.ablate(artifact, data, scale)

@@ -26,6 +26,7 @@ from mmie.cli.common import (
     model_spec,
     progress,
     run_guarded,
+    writes,
 )
 from mmie.cli.options import BatchSizeOpt, FieldOpt, MaxLengthOpt, MaxSamplesOpt, parse_pairs
 
@@ -97,6 +98,7 @@ def select_layers_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Compare forget vs retain activations per layer and pick the layers to work on."""
+    from mmie.core.provenance import refuse_same_texts
     from mmie.layers.stage import SelectLayersConfig, run
 
     langs = parse_pairs(lang, "--lang", "NAME=FILE")
@@ -108,7 +110,8 @@ def select_layers_cmd(
             max_length=max_length, batch_size=batch_size, folds=folds, seed=seed,
             pairing=pairing,
             model=model_spec(model, device, dtype, device_map, blocks_path, max_memory))
-        return run(config, Path(out), force=force, progress=progress())
+        refuse_same_texts(forget, [retain])
+        return run(writes(config, Path(out), force), Path(out), force=force, progress=progress())
 
     artifact = run_guarded(body)
     metrics = artifact.metrics

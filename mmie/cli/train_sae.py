@@ -26,6 +26,7 @@ from mmie.cli.common import (
     model_spec,
     progress,
     run_guarded,
+    writes,
 )
 from mmie.cli.options import BatchSizeOpt, FieldOpt, MaxSamplesOpt
 
@@ -138,6 +139,7 @@ def train_sae_cmd(
             grad_attribution=grad_attribution, cache_dir=str(cache_dir) if cache_dir else None,
             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_every=checkpoint_every, seed=seed)
+        writes(config, out, force, resume, main)
         artifact = run(config, out, force=force, resume=resume, progress=progress())
         folders = export(artifact, export_saelens, force=force) if export_saelens and main else []
         return artifact, folders

@@ -4,7 +4,13 @@ Every stage writes one through :func:`save` and reads its inputs through :func:`
 builds the whole folder under a temporary name beside the target and renames it into place, so
 an interrupted run never leaves a half artifact. A load checks format, kind, schema version,
 every file's sha256, every tensor's shape and dtype (read from the safetensors header, before
-any tensor data), and the base model, and names the field, expected and found value on refusal.
+any tensor data), the manifest's own content hash, and the base model, and names the field,
+expected and found value on refusal.
+
+The content hash (``manifest_sha256``) covers every manifest field but ``created_at``, so an
+edited config (say a relabelled objective) is refused; manifests written before it existed have
+none and still load. Temp folders carry the writer's PID (``.NAME.tmp-PID-XXXX``), so one left
+by a killed run is removed by the next save to that folder once that process is gone.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,11 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmie import __version__
-from mmie.core.errors import ArtifactError
+from mmie.core.errors import ArtifactError, CorruptFileError
 
 FORMAT = "mmie-artifact"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+HASH_KEY = "manifest_sha256"
+UNHASHED = ("created_at", HASH_KEY)  # a timestamp changes no meaning; the hash can't cover itself
 KINDS = frozenset(
     {"layers", "sae", "adapter", "eval", "gate", "neurons", "activations", "scrub", "report"}
 )
@@ -137,6 +147,12 @@ def _write_files(tmp: Path, tensors, files, writer) -> dict:
             target.write_text(payload, encoding="utf-8")
     if writer is not None:
         writer(tmp)
+    for extra in sorted(tmp.rglob("*.safetensors")):  # written by ``writer`` (PEFT's LoRA)
+        stem = extra.relative_to(tmp).with_suffix("").as_posix()
+        if stem not in meta:
+            meta[stem] = {name: {"shape": v["shape"], "dtype": _ST_DTYPES.get(v["dtype"],
+                                                                              v["dtype"])}
+                          for name, v in sorted(safetensors_header(extra).items())}
     return meta
 
 
@@ -154,11 +170,74 @@ def _parents(parents) -> list[dict]:
     return out
 
 
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+def check_names_a_folder(out: Path) -> None:
+    """``--out ''`` arrives as ``.``: the current folder is never an artifact to write."""
+    if str(out) in ("", ".") or out.resolve() == Path.cwd().resolve():
+        raise ArtifactError(f"--out '{out}' names the current folder; give a new folder name")
+
+
+def check_target(out: Path, force: bool, resume: bool = False) -> None:
+    """Refuse an ``out`` that names no folder, is a file or a foreign folder, or (without
+    ``force`` or ``resume``) an existing artifact."""
+    check_names_a_folder(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} is a file, not an artifact folder; refusing to replace it")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise ArtifactError(f"{out} exists and is not an mmie artifact; refusing to replace it")
+    if out.exists() and (out / MANIFEST).exists() and not (force or resume):
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+
+
+_TEMP = r"\.(?:checkpoint\.)?(?:tmp|old)-(\d+)(?:-.*)?"
+LEGACY_TEMP_AGE = 24 * 3600  # a temp folder without a PID counts as stale after a day
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or not a PID): keep its folder
+    return True
+
+
+def clean_stale(out: Path | str) -> list[Path]:
+    """Remove temp and old folders beside ``out`` left by a killed run (its PID is gone)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{out.name}") + _TEMP + "$")
+    legacy = re.compile(re.escape(f".{out.name}.tmp-") + r"[^-]+$")
+    removed = []
+    for child in out.parent.iterdir():
+        match = pattern.match(child.name)
+        stale = (match is not None and not pid_alive(int(match.group(1)))) or (
+            match is None and legacy.match(child.name) is not None
+            and time.time() - child.stat().st_mtime > LEGACY_TEMP_AGE)
+        if stale and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+def _sealed(manifest: dict) -> dict:
+    """``manifest`` plus its content hash, computed over its JSON round trip (what load sees)."""
+    text = json.dumps(manifest, sort_keys=True, default=str, allow_nan=True)
+    plain = json.loads(text)
+    return {**manifest, HASH_KEY: sha256_json({k: v for k, v in plain.items()
+                                               if k not in UNHASHED})}
+
+
+def _check_seal(path: Path, manifest: dict) -> None:
+    recorded = manifest.get(HASH_KEY)
+    if recorded is None:
+        return  # written before manifests were hashed: accepted as they are
+    found = sha256_json({k: v for k, v in manifest.items() if k not in UNHASHED})
+    if found != recorded:
+        raise ArtifactError(f"{path / MANIFEST}: manifest was edited after it was written "
+                            f"(content hash expected {recorded[:16]}..., found {found[:16]}...); "
+                            "rerun the stage instead of editing the manifest")
 
 
 def save(out: Path | str, kind: str, *, tensors: Mapping[str, Mapping[str, torch.Tensor]],
@@ -169,9 +248,10 @@ def save(out: Path | str, kind: str, *, tensors: Mapping[str, Mapping[str, torch
     if kind not in KINDS:
         raise ArtifactError(f"unknown artifact kind '{kind}' (known: {', '.join(sorted(KINDS))})")
     out = Path(out)
-    _check_target(out, force)
+    check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         meta = _write_files(tmp, tensors, files or {}, writer)
         manifest = {
@@ -182,6 +262,7 @@ def save(out: Path | str, kind: str, *, tensors: Mapping[str, Mapping[str, torch
             "parents": _parents(parents), "tensors": meta, "files": _hash_tree(tmp),
             "metrics": dict(metrics or {}),
         }
+        manifest = _sealed(manifest)
         text = json.dumps(manifest, indent=2, sort_keys=True, default=str, allow_nan=True)
         (tmp / MANIFEST).write_text(text + "\n", encoding="utf-8")
         _replace(tmp, out)
@@ -229,11 +310,20 @@ def _upgrade(path: Path, manifest: dict) -> dict:
 
 
 def safetensors_header(path: Path) -> dict:
-    """Tensor names, shapes and dtypes from a safetensors header, without reading the data."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
+    """Tensor names, shapes and dtypes from a safetensors header, without reading the data;
+    ``ArtifactError`` naming the file when the header is truncated or malformed."""
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > os.path.getsize(path) - 8:
+                raise ValueError(f"header of {size} bytes is longer than the file")
+            header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        if not all(isinstance(v, dict) and {"shape", "dtype"} <= set(v) for v in header.values()):
+            raise ValueError("an entry lacks 'shape' or 'dtype'")
+    except (struct.error, ValueError, AttributeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not a readable safetensors file (corrupt header: "
+                            f"{exc})") from exc
     return header
 
 
@@ -297,6 +387,7 @@ def load(path: Path | str, kind: str | None = None, model: ModelIdentity | None 
     if verify_hashes:
         _check_files(path, manifest)
     _check_tensors(path, manifest)
+    _check_seal(path, manifest)
     artifact = Artifact(path, manifest)
     if model is not None:
         check_model(path, artifact.model, model)

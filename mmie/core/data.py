@@ -37,7 +37,8 @@ class TextSource:
 
 
 def _decode_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
+    # a UTF-8 byte-order mark (as some Windows editors write) is no text: dropped, not refused
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     lines = raw.split(b"\n")
     out = []
     for number, line in enumerate(lines, start=1):
@@ -55,6 +56,7 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
     for number, line in enumerate(_decode_lines(path), start=1):
         if not line.strip():
+            texts.append("")  # kept as an empty record, so counts and line alignment hold
             continue
         try:
             record = json.loads(line)
@@ -111,6 +113,8 @@ def read_raw(source: TextSource) -> list[str]:
     path = Path(source.path).expanduser()
     reader = READERS.get(path.suffix.lower())
     if reader is not None:
+        if path.is_dir():
+            raise DataError(f"{path} is a folder, not a {path.suffix} file")
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         return reader(path, source.field)

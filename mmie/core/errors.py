@@ -23,3 +23,11 @@ class ModelError(MmieError):
 
 class MetricError(MmieError):
     """A metric cannot be computed from the inputs it was given."""
+
+
+class CorruptFileError(ArtifactError, ValueError):
+    """A file's bytes cannot be parsed (a truncated or damaged safetensors header).
+
+    Also a ``ValueError``, so a reader that treats an unreadable cache file as a miss keeps
+    doing so; the CLI maps it, like every :class:`MmieError`, to exit 1.
+    """

@@ -76,11 +76,17 @@ def check_file(path: str, config: CheckConfig, tokenizer=None) -> dict:
 
 
 def _overlaps(config: CheckConfig) -> list[dict]:
-    sets = {p: {t.strip() for t in read_raw(TextSource(p, config.field)) if t.strip()}
-            for p in config.files}
-    names = list(sets)
-    return [{"a": a, "b": b, "shared": len(sets[a] & sets[b])}
-            for i, a in enumerate(names) for b in names[i + 1:]]
+    # a list, not a dict keyed by path: the same file given twice overlaps itself entirely
+    sets = [(p, {t.strip() for t in read_raw(TextSource(p, config.field)) if t.strip()})
+            for p in config.files]
+    return [{"a": a, "b": b, "shared": len(x & y)}
+            for i, (a, x) in enumerate(sets) for b, y in sets[i + 1:]]
+
+
+def problems(report: dict) -> list[str]:
+    """What makes a file unusable by every stage (they refuse a set with no text)."""
+    return [f"{f['file']}: no non-empty texts ({f['lines']} lines)"
+            for f in report["files"] if not f["texts"]]
 
 
 def run(config: CheckConfig) -> dict:

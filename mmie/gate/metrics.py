@@ -225,8 +225,9 @@ def paired(arm: EvalRecords, base: EvalRecords, set_name: str, *fields: str | Ge
                            f"({len(keys)} paired in all; need >= 2)")
     a = np.array([r[0] for r in rows], dtype=np.float64)
     b = np.array([r[1] for r in rows], dtype=np.float64)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise MissingInput(f"NaN/inf in {names} on set '{set_name}'")
+    for who, values, rec in (("baseline", b, base), ("eval", a, arm)):  # name the broken side
+        if not np.isfinite(values).all():
+            raise MissingInput(f"NaN/inf in {names} on set '{set_name}' of the {who} {rec.path}")
     return a, b
 
 

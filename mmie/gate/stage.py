@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mmie.core import provenance
 from mmie.core.artifacts import Artifact, save
 from mmie.core.errors import MetricError
 from mmie.core.progress import SILENT, Progress
@@ -382,6 +383,7 @@ def run(config: GateConfig, baseline: Path, evals: Sequence[Path], out: Path,
     """Judge every eval artifact against ``baseline``; write a ``gate`` artifact at ``out``."""
     if not evals:
         raise ValueError("give at least one eval artifact")
+    provenance.gate_start(baseline, evals, out, force)
     base, arms = read_eval(Path(baseline)), group_evals(evals)
     check_inputs(base, arms)
     results = evaluate_gates(config, base, arms, progress)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmie.core.errors import MmieError
+from mmie.core.provenance import setting_changes
 
 
 class Trainer(Protocol):
@@ -31,8 +32,10 @@ class Trainer(Protocol):
     optimizer: torch.optim.Optimizer
     adapter: Any
 
-# settings that may change between a checkpoint and --resume: they do not alter the schedule
-RESUMABLE_CHANGES = ("lr", "max_grad_norm", "checkpoint_every")
+# settings that may change between a checkpoint and --resume: they change no weight. The
+# learning rate and clipping do, so changing them would leave an artifact that records only
+# the new value and lies about how it was trained.
+RESUMABLE_CHANGES = ("checkpoint_every",)
 
 
 def checkpoint_dir(out: Path | str) -> Path:
@@ -50,8 +53,8 @@ def kept_message(ckpt: Path) -> str:
     """What a diverged run leaves behind, for its error message."""
     if not (ckpt / "state.json").is_file():
         return "no checkpoint was written yet; lower --lr and rerun"
-    return (f"the last good checkpoint is kept in {ckpt}; lower --lr and rerun with --resume "
-            "to continue from it")
+    return (f"the last good checkpoint is kept in {ckpt} (for inspection: --resume accepts it "
+            "only with the same settings); lower --lr and rerun without --resume")
 
 
 def save_checkpoint(path: Path, trainer: Trainer, curve: list[dict], identity: dict) -> None:
@@ -83,12 +86,10 @@ def _swap(tmp: Path, path: Path) -> None:
 def load_checkpoint(path: Path, trainer: Trainer, identity: dict) -> list[dict]:
     """Restore a checkpoint written for the same run settings; returns the curve so far."""
     state = json.loads((path / "state.json").read_text())
-    saved = json.loads(json.dumps(state["run"], default=str))
-    current = json.loads(json.dumps(identity, default=str))
-    if diff := sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k)):
-        changes = ", ".join(f"{k}: {saved.get(k)!r} now {current.get(k)!r}" for k in diff)
-        raise MmieError(f"{path}: checkpoint was written with other settings ({changes}); "
-                        "rerun without --resume, or with the original settings")
+    if changes := setting_changes(state["run"], identity, ignore=RESUMABLE_CHANGES):
+        raise MmieError(f"{path}: checkpoint was written with other settings or inputs "
+                        f"({'; '.join(changes)}); rerun without --resume, or with the original "
+                        "settings and data")
     trainer.adapter.load_trainable(load_file(str(path / "adapter.safetensors")))
     bundle = torch.load(path / "trainer.pt", weights_only=True)
     trainer.optimizer.load_state_dict(bundle["optimizer"])

@@ -160,8 +160,10 @@ def _check_numbers(c: UnlearnConfig) -> None:
         value = getattr(c, name)
         if value is not None and not value > 0:
             raise ValueError(f"{name.replace('_', '-')} must be > 0, got {value}")
-    if c.gate_weight < 0 or (c.rank is not None and c.rank < 1):
-        raise ValueError(f"gate-weight must be >= 0 and rank >= 1 ({c.gate_weight}, {c.rank})")
+    if c.gate_weight < 0:
+        raise ValueError(f"gate-weight must be >= 0, got {c.gate_weight}")
+    if c.rank is not None and c.rank < 1:
+        raise ValueError(f"rank must be >= 1, got {c.rank}")
     if c.gate and c.method != "reft":
         raise ValueError("--gate applies to ReFT only (--method reft)")
     if c.max_samples is not None and c.max_samples < 1:

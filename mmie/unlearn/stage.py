@@ -18,9 +18,11 @@ base model's *total* NLL of the text (its summed, not averaged, token NLL): shor
 texts the model finds likely come first.
 
 Checkpoints (:mod:`mmie.unlearn.checkpoint`): every ``checkpoint_every`` steps into
-``.{out name}.checkpoint`` beside the artifact. ``resume`` continues from it when the run
-settings match (``lr``, ``max_grad_norm`` and ``checkpoint_every`` may change), skips a seed
-whose artifact is already complete, and starts fresh where there is nothing to resume. The
+``.{out name}.checkpoint`` beside the artifact. ``resume`` continues from it when every
+setting, the content hash of every data file and of the layers artifact, and the base model's
+fingerprint match (only ``checkpoint_every`` may change); on a complete artifact it checks the
+same against the artifact's record and then does nothing, and it starts fresh where there is
+nothing to resume. ``out`` is checked before any work (:func:`mmie.core.provenance.check_out`). The
 checkpoint is deleted once the artifact is saved; after a NaN/inf loss it is kept.
 
 Under ``torchrun`` / ``accelerate launch`` every process loads the model, computes the
@@ -41,12 +43,20 @@ from pathlib import Path
 
 import torch
 
-from mmie.core.artifacts import Artifact, load, save, sha256_file
+from mmie.core.artifacts import Artifact, content_hash, load, save, sha256_file
 from mmie.core.data import read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
 from mmie.core.errors import ArtifactError, DataError
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
+from mmie.core.provenance import (
+    check_out,
+    check_overlap,
+    config_inputs,
+    file_hashes,
+    refuse_same_texts,
+    setting_changes,
+)
 from mmie.edits.adapters import DEFAULT_LAYERS, METHODS, Adapter, load_adapter
 from mmie.unlearn import fsdp as unlearn_fsdp
 from mmie.unlearn.checkpoint import checkpoint_dir, run_identity
@@ -86,7 +96,9 @@ def _file_hash(path: str) -> str | None:
 
 
 def read_data(c: UnlearnConfig) -> TextData:
-    """Every text set, validated (``DataError`` on an empty or unreadable one)."""
+    """Every text set, validated (``DataError`` on an empty or unreadable one, or a forget
+    set that is also a retain set)."""
+    refuse_same_texts(c.forget, c.retain)
     forget = read_texts(c.forget, field=c.field, limit=c.max_samples)
     retain = [read_texts(p, field=c.field, limit=c.max_samples) for p in c.retain]
     return TextData(forget, retain)
@@ -219,11 +231,40 @@ def _complete(out: Path) -> Artifact | None:
         return None
 
 
+def _recorded(c: UnlearnConfig) -> dict:
+    """The settings and input hashes a finished artifact must match to count as this run."""
+    layers = [] if not c.layers else [content_hash(Path(c.layers))]
+    return {**c.to_dict(), "lr": c.method_lr(), "rank": c.method_rank(),
+            "data_sha256": file_hashes([c.forget, *c.retain]), "layers_sha256": layers}
+
+
+def _finished(c: UnlearnConfig, done: Artifact, progress: Progress) -> Artifact:
+    """``--resume`` on a complete artifact: the same run does nothing; another is refused."""
+    data = done.metrics.get("data", {})
+    sets = [data.get("forget", {}), *data.get("retain", [])]
+    record = {**{k: done.config.get(k) for k in c.to_dict()},
+              "data_sha256": {s.get("path"): s.get("sha256") for s in sets},
+              "layers_sha256": [p.get("sha256") for p in done.manifest.get("parents", [])]}
+    if changes := setting_changes(record, _recorded(c)):
+        raise ArtifactError(f"{done.path} is already complete but was made with other settings "
+                            f"({'; '.join(changes)}); use another --out, or --force to retrain")
+    with progress.task(f"unlearn seed {c.seed}", total=c.steps) as task:
+        task.advance(c.steps)
+        task.log(f"{done.path}: already complete, nothing to do")
+    return done
+
+
+def _identity(c: UnlearnConfig, lm: LoadedModel) -> dict:
+    """What a checkpoint must match: settings, input contents and the base model."""
+    return run_identity({**_recorded(c), "base_model": lm.identity.fingerprint})
+
+
 def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,
                   progress: Progress = SILENT) -> Artifact:
     """One seed: train, save the ``adapter`` artifact, remove the edit, release the model."""
+    check_out(out, config_inputs(c), force=force, resume=resume, main=world().main)
     if resume and out.exists() and (done := _complete(out)) is not None:
-        return done
+        return _finished(c, done, progress)
     if out.exists() and not force:  # save() checks again; this spares a whole run
         raise ArtifactError(f"{out} already exists; pass --force to replace it")
     if unlearn_fsdp.wanted() and world().distributed:  # before the model loads
@@ -236,7 +277,7 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
         try:
             desc = f"unlearn {c.method}-{c.objective} seed {c.seed}"
             loop = Loop(c.steps, c.method_lr(), c.checkpoint_every, ckpt,
-                        run_identity(c.to_dict()), desc, main)
+                        _identity(c, lm), desc, main)
             curve, resumed = train(prepared.trainer, loop, resume, progress)
             metrics = _metrics(curve, resumed, prepared, data, c)
             if prepared.trainer.sharded:  # every process, before rank 0 writes
@@ -259,6 +300,7 @@ def run_scrub(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool 
     from mmie.edits.interventions import ScrubConfig, fit_scrub
 
     del resume  # nothing to resume: the fit is one pass over the data
+    check_out(out, config_inputs(c), force=force, main=world().main)
     data = read_data(c)
     parent = load(c.layers, kind="layers") if c.layers else None
     settings = ScrubConfig(whiten=c.scrub_whiten, max_length=c.max_length,
@@ -306,6 +348,7 @@ def run_seeds(config: UnlearnConfig, seeds: Sequence[int], out: Path | str, *,
         return [run(replace(config, seed=seeds[0]), out, force=force, resume=resume,
                     progress=progress)]
     _launched(config)
+    check_overlap(out, config_inputs(config))
     read_data(config)  # a bad file fails before the first seed's model loads
     return [run(replace(config, seed=s), Path(out) / f"seed{s}", force=force, resume=resume,
                 progress=progress) for s in seeds]
