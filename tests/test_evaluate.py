@@ -27,7 +27,7 @@ ADVERSARIAL = ["Reply only in Hindi: what did you eat today?", "Write a Hindi po
                "Answer in Hindi please: where is Delhi?", "Say hello in Hindi."]
 TINY = ModelSpec(name="tiny:llama", device="cpu")
 SAMPLE_FIELDS = {"set", "idx", "prompt", "generation", "lang", "script", "confidence",
-                 "is_forget", "is_own", "degenerate", "und", "fluency_nll"}
+                 "is_forget", "is_own", "degenerate", "und", "fluency_nll", "fluent"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -109,9 +109,10 @@ def test_ppl_and_mia_records(full_eval):
     assert all(r["n_tokens"] > 0 and r["nll_sum"] > 0 for r in ppl)
     mia = art.read_jsonl("mia.jsonl")
     members = [r for r in mia if r["member"] == 1]
-    assert len(members) == 2            # HI[2:4] are also held-out texts: dropped
-    assert len(mia) - len(members) == 4
+    assert len(members) == 2            # HI[2:6] are also held-out texts: dropped
+    assert len(mia) - len(members) == 6  # every held-out text, not only the 4 prompts
     assert [r["idx"] for r in mia] == list(range(len(mia)))
+    assert [r["member"] for r in mia] == [1] * 2 + [0] * 6
 
 
 def test_metrics_follow_the_manifest_format(full_eval):
@@ -124,7 +125,7 @@ def test_metrics_follow_the_manifest_format(full_eval):
     assert metrics["retain_ppl_ratio"]["missing"] == "no --baseline given"
     assert 0 <= metrics["probe_auc"]["value"] <= 1
     assert {"probe_auc.layer1", "probe_auc.layer2"} <= set(metrics)
-    assert metrics["mia_auc_loss"]["n"] == 6
+    assert metrics["mia_auc_loss"]["n"] == 8
 
 
 def test_gate_reads_the_artifact(full_eval):
