@@ -28,8 +28,8 @@ from mmie.distributed import World, world
 from mmie.errors import ArtifactError
 from mmie.eval_config import EvalConfig, PromptSet
 from mmie.eval_mass import mass_items, mass_rows, scored_sets, set_langs
-from mmie.generation import Generation, TokenScores, generate, score, text_items
 from mmie.fluency import fluency_items
+from mmie.generation import Generation, TokenScores, generate, score, text_items
 from mmie.lang_mass import LangData, MassScores, TokenSet, build_token_sets, mass_scores
 from mmie.models import LoadedModel, loaded
 from mmie.progress import SILENT, Progress

@@ -14,8 +14,8 @@ in LLMs"), measured here on the full next-token distribution rather than on samp
 
 1. *Script.* Every vocabulary entry is decoded on its own; it belongs to a script when at least
    ``min_share`` of its letters are in that script (:func:`mmie.lid.script_shares`). Entries
-   with no letters (punctuation, digits, spaces, special tokens, byte pieces that are not
-   whole characters) belong to no script and to no set.
+   with no letters (punctuation, digits, spaces, byte pieces that are not whole characters)
+   and special or control tokens (``<unused0>``, ``[multimodal]``) belong to no set.
 2. *Frequency*, between languages that share a script (Hindi/Marathi in Devanagari, Urdu/
    Persian in Arabic script, English/romanized Hindi in Latin): each language's texts are
    tokenized and counted; a script token is dropped from language L when some other
@@ -31,6 +31,7 @@ its script from :data:`DEFAULT_SCRIPTS`; an unknown one gets no set, and its mas
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,14 +78,26 @@ class TokenSet:
                 "data_tokens": self.data_tokens}
 
 
+# Control tokens by their look ("<unused0>", "<start_of_turn>", "[multimodal]"): letters, but
+# never text in any language.
+_CONTROL = re.compile(r"^\s*(<[^<>\s]+>|\[[^\[\]\s]+\])\s*$")
+
+
+def _special_ids(tokenizer) -> set[int]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(getattr(tokenizer, "all_special_ids", ()) or ()) | {
+        int(i) for i, tok in added.items() if getattr(tok, "special", False)}
+
+
 def token_scripts(tokenizer, min_share: float = 0.5) -> list[str | None]:
-    """Script of each vocabulary id's decoded text (None: no letters, or no majority)."""
+    """Script of each vocabulary id's decoded text (None: no letters, no majority, or a
+    special / control token)."""
     n = len(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    special = _special_ids(tokenizer)
     texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
     out: list[str | None] = []
     for i, text in enumerate(texts):
-        shares = {} if i in special else script_shares(text)
+        shares = {} if i in special or _CONTROL.match(text) else script_shares(text)
         best = max(shares, key=shares.__getitem__) if shares else None
         out.append(best if best is not None and shares[best] >= min_share else None)
     return out

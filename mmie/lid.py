@@ -2,8 +2,8 @@
 
 ``detect(texts)`` labels each text with an ISO 639-1 code (``hi``, ``en``, ``ur``, ``pa``,
 ``bn``, ...; detectors' 639-3 codes where no 639-1 code exists), ``hi-ur-Latn`` for romanized
-Hindustani (Hindi or Urdu: :mod:`mmie.lid_roman`), or ``und``. Evaluation counts generations by these labels, so a wrong language is worse than an
-honest ``und``: CLD3 alone calls ``<strong>-</strong><strong>-`` English.
+Hindustani (Hindi or Urdu: :mod:`mmie.lid_roman`), or ``und``. Evaluation counts generations
+by these labels, so a wrong language is worse than an honest ``und``: CLD3 alone calls ``<strong>-</strong><strong>-`` English.
 
 The rule, in order:
 
@@ -44,7 +44,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from mmie.lid_roman import romanized_decision
 from mmie.lid_backends import (
     BACKENDS,
     ROMANIZED,
@@ -57,6 +56,7 @@ from mmie.lid_backends import (
     script_of,
     script_shares,
 )
+from mmie.lid_roman import romanized_decision
 
 __all__ = ["Degeneracy", "LidConfig", "LidResult", "clear_cache", "degeneracy", "detect",
            "detect_one", "script_of", "script_shares"]

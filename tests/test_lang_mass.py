@@ -24,7 +24,8 @@ from mmie.lang_mass import (
 )
 from mmie.models import ModelSpec, lm_head, loaded
 
-VOCAB = ["<pad>", "<bos>", "नमस्ते", "आहे", "है", "घर", "hello", "hai", "سلام", "123", "!"]
+VOCAB = ["<pad>", "<bos>", "<unused0>", "[multimodal]", "नमस्ते", "आहे", "है", "घर", "hello",
+         "hai", "سلام", "123", "!"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def ids_of(*tokens: str) -> tuple[int, ...]:
 
 def test_token_scripts_ignore_specials_digits_and_punctuation(word_tokenizer):
     scripts = token_scripts(word_tokenizer)
-    assert scripts == [None, None, "Deva", "Deva", "Deva", "Deva", "Latn", "Latn", "Arab", None,
-                       None]
+    assert scripts == [None, None, None, None, "Deva", "Deva", "Deva", "Deva", "Latn", "Latn",
+                       "Arab", None, None]
 
 
 def test_same_script_languages_split_tokens_by_relative_frequency(word_tokenizer):
