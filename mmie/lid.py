@@ -3,7 +3,8 @@
 ``detect(texts)`` labels each text with an ISO 639-1 code (``hi``, ``en``, ``ur``, ``pa``,
 ``bn``, ...; detectors' 639-3 codes where no 639-1 code exists), ``hi-ur-Latn`` for romanized
 Hindustani (Hindi or Urdu: :mod:`mmie.lid_roman`), or ``und``. Evaluation counts generations
-by these labels, so a wrong language is worse than an honest ``und``: CLD3 alone calls ``<strong>-</strong><strong>-`` English.
+by these labels, so a wrong language is worse than an honest ``und``: CLD3 alone calls
+``<strong>-</strong><strong>-`` English.
 
 The rule, in order:
 
