@@ -37,7 +37,7 @@ through during without within against among around at by on off out up down is a
 be been being am have has had having do does did doing will would shall should can could may
 might must it its i you your yours he him his she her hers we our ours they them their
 theirs my mine not no nor only own same so too very just also all any both each few more most
-other some such again once course know like get got make made go going say said one two
+other some such again once know like get got make made go going say said one two
 """.split())
 
 

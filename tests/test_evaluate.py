@@ -277,3 +277,51 @@ def test_cli_errors(files, tmp_path):
     assert missing.exit_code == 1 and "not found" in missing.output
     conflict = runner.invoke(app, [*args, "--forget", str(files["hi"]), "--sae", "s"])
     assert conflict.exit_code == 2 and "--sae-gate" in conflict.output
+
+
+MASS_FIELDS = {"set", "idx", "n_tokens", "forget_mass", "own_mass", "replacement_mass"}
+
+
+def test_mass_rows_follow_the_contract(full_eval):
+    art = load(full_eval, kind="eval")
+    rows = art.read_jsonl("mass.jsonl")
+    assert {r["set"] for r in rows} == {"forget", "retain", "xlang:ur", "romanized", "mixed"}
+    for r in rows:
+        assert set(r) == MASS_FIELDS and r["n_tokens"] > 0
+        assert 0.0 <= r["forget_mass"] <= 1.0 and 0.0 <= r["replacement_mass"] <= 1.0
+    retain = [r for r in rows if r["set"] == "retain"]
+    assert [r["own_mass"] for r in retain] == [r["replacement_mass"] for r in retain]  # both en
+    assert {r["own_mass"] for r in rows if r["set"] == "mixed"} == {None}
+    m = art.metrics
+    assert m["mass.forget.forget"]["n"] == len([r for r in rows if r["set"] == "forget"])
+    assert "missing" in m["mass.mixed.own"]
+
+
+def test_token_sets_are_recorded(full_eval):
+    art = load(full_eval, kind="eval")
+    sets = art.config["token_sets"]
+    assert set(sets) == {"hi", "en", "ur", "hi-Latn"}
+    ids = json.loads((full_eval / "token_sets.json").read_text())
+    for lang, summary in sets.items():
+        assert summary["size"] == len(ids[lang]["ids"]) and len(summary["sha256"]) == 64
+
+
+def test_fluent_flag_and_reference(full_eval):
+    art = load(full_eval, kind="eval")
+    ref = art.config["fluency"]
+    assert ref["source"] == "this run's retain continuations" and ref["tolerance"] == 1.0
+    for rec in art.read_jsonl("samples.jsonl"):
+        # a random tiny model's retain continuations may all be junk: then no reference, and
+        # nothing is fluent
+        expect = (not rec["degenerate"] and rec["fluency_nll"] is not None
+                  and ref["threshold"] is not None and rec["fluency_nll"] <= ref["threshold"])
+        assert rec["fluent"] == int(expect)
+
+
+def test_fluency_reference_comes_from_the_baseline(files, full_eval, tmp_path):
+    art = run(_config(files, baseline=str(full_eval), max_new_tokens=2, fluency_tolerance=0.5),
+              tmp_path / "arm")
+    ref = art.config["fluency"]
+    base = load(full_eval).config["fluency"]
+    assert ref["source"] == "baseline's retain continuations"
+    assert ref["median"] == base["median"] and ref["tolerance"] == 0.5
