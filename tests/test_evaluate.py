@@ -196,8 +196,8 @@ def test_hooks_removed_after_an_error_mid_run(files, scrub_artifact, tmp_path, m
 
 
 def test_fluency_second_pass_matches_recorded_scores(files, full_eval, tmp_path, monkeypatch):
-    """With an (identity) intervention, fluency is rescored after detaching; for a no-op
-    intervention that must equal the base run's scores recorded during generation."""
+    """Fluency is scored by the base model after the interventions are detached: for a no-op
+    intervention it equals the base run's scores."""
 
     @contextmanager
     def identity_interventions(lm, config):
@@ -325,3 +325,21 @@ def test_fluency_reference_comes_from_the_baseline(files, full_eval, tmp_path):
     base = load(full_eval).config["fluency"]
     assert ref["source"] == "baseline's retain continuations"
     assert ref["median"] == base["median"] and ref["tolerance"] == 0.5
+
+
+def test_mia_texts_are_every_text_in_file_order(files):
+    from mmie.eval_config import read_mia_texts
+
+    config = _config(files, forget_train=str(files["train"]))
+    members, nonmembers = read_mia_texts(config)
+    assert nonmembers == HI[:6]                       # the whole held-out file, not 4 prompts
+    assert members == HI[6:8]                         # HI[2:6] are held out too: dropped
+    assert read_mia_texts(config) == (members, nonmembers)
+    assert read_mia_texts(_config(files)) is None
+
+
+def test_und_and_known_rates_are_in_the_manifest(full_eval):
+    metrics = load(full_eval, kind="eval").metrics
+    for name in ("forget.forget_rate_known", "forget.und_rate", "forget.fluent_rate",
+                 "mass.forget.forget", "mass.retain.own", "mass.xlang:ur.replacement"):
+        assert name in metrics, name

@@ -38,7 +38,7 @@ def test_label_languages_and_coverage():
     assert not covers("hi-Latn", "hi-ur-Latn")      # a sure label never covers a doubtful one
 
 
-@pytest.mark.parametrize("text,lang", [("हाँ", "hi"), ("है", "hi"), ("ਹਾਂ", "pa")])
+@pytest.mark.parametrize("text,lang", [("हाँ", "hi"), ("हा", "hi"), ("है", "hi"), ("ਹਾਂ", "pa")])
 def test_a_one_word_answer_in_an_indic_script_is_a_language(text, lang):
     assert detect_one(text).lang == lang
 
