@@ -8,6 +8,7 @@ import pytest
 
 from mmie.core.errors import MetricError
 from mmie.evaluate import metrics as em
+from mmie.evaluate.fluency import FluencyReference, is_fluent, reference
 from mmie.lid.detect import degeneracy, detect
 
 
@@ -29,6 +30,8 @@ def test_sample_record_has_exactly_the_contract_fields():
     rec = _record("en")
     assert set(rec) == {"set", "idx", "prompt", "generation", "lang", "script", "confidence",
                         "is_forget", "is_own", "degenerate", "und", "fluency_nll"}
+    em.mark_fluent([rec], reference([1.0], 0.0, "test"))
+    assert rec["fluent"] == 1
     assert (rec["lang"], rec["is_own"], rec["is_forget"], rec["degenerate"]) == ("en", 1, 0, 0)
 
 
@@ -59,11 +62,14 @@ def test_set_metrics_rates_are_exact():
                _record("en", degenerate=True, fluency=None), _record("und", fluency=4.0)]
     junk = [_junk(distinct_2=1.0), _junk(distinct_2=0.5), _junk(distinct_2=0.0),
             _junk(distinct_2=0.5), _junk(distinct_2=1.0)]
+    em.mark_fluent(records, reference([1.0, 3.0], 0.5, "test"))   # threshold 2.5
     got = em.set_metrics(records, junk, "en")
-    assert got["forget_rate"] == em.Metric(1 / 5, 5)
+    assert got["forget_rate"] == em.Metric(2 / 5, 5)          # und counts as Hindi: conservative
+    assert got["forget_rate_known"] == em.Metric(1 / 4, 4)    # und left out
     assert got["own_rate"] == em.Metric(2 / 5, 5)
-    assert got["degenerate_rate"] == em.Metric(2 / 5, 5)
+    assert got["degenerate_rate"] == em.Metric(1 / 5, 5)      # und is not degenerate
     assert got["und_rate"] == em.Metric(1 / 5, 5)
+    assert got["fluent_rate"] == em.Metric(2 / 5, 5)          # en 1.0 and hi 2.0
     assert got["fluency_nll"] == em.Metric(2.5, 4)   # the null one is left out
     assert got["distinct_2"] == em.Metric(0.6, 5)
 
@@ -163,3 +169,39 @@ def test_chart_is_a_png():
     metrics = {"forget.forget_rate": {"value": 0.5, "n": 2}, "retain.own_rate": {"value": 1.0,
                                                                                 "n": 2}}
     assert em.chart_png(metrics, ["forget", "retain"], "base").startswith(b"\x89PNG")
+
+
+def test_und_is_apart_from_degenerate_and_never_forgetting_success():
+    rec = _record("und", own="hi", set_name="forget")
+    assert (rec["lang"], rec["und"], rec["degenerate"]) == ("und", 1, 0)
+    assert rec["is_forget"] == 1 and rec["is_own"] == 0      # doubt counts against the arm
+    junk = _record("und", own="hi", degenerate=True)
+    assert (junk["und"], junk["degenerate"], junk["is_forget"]) == (0, 1, 0)
+
+
+def test_romanized_hindustani_counts_as_hindi_on_forget_prompts_not_as_urdu_own():
+    assert _record("hi-ur-Latn", own="hi-Latn")["is_forget"] == 1
+    assert _record("hi-ur-Latn", own="hi-Latn")["is_own"] == 1
+    assert _record("hi-ur-Latn", own="ur")["is_own"] == 0     # Urdu prompts want Urdu script
+    assert _record("ur-Latn", own="ur")["is_forget"] == 0
+
+
+def test_short_hindi_answer_is_hindi_not_und():
+    lid, junk = detect(["हाँ"])[0], degeneracy("हाँ")
+    rec = em.sample_record("forget", 0, "p", "हाँ", lid, junk, 1.0, "hi", "hi")
+    assert (rec["lang"], rec["und"], rec["degenerate"], rec["is_forget"]) == ("hi", 0, 0, 1)
+
+
+@pytest.mark.parametrize("nll,degenerate,expected", [
+    (2.0, False, True), (3.0, False, True), (3.01, False, False), (1.0, True, False),
+    (None, False, False)])
+def test_fluent_is_within_tolerance_of_the_reference_median(nll, degenerate, expected):
+    ref = reference([1.0, 2.0, 9.0, None], tolerance=1.0, source="test")  # median 2.0
+    assert (ref.median, ref.threshold, ref.n) == (2.0, 3.0, 3)
+    assert is_fluent(nll, degenerate, ref) is expected
+
+
+def test_no_reference_means_nothing_is_fluent():
+    ref = reference([None], 1.0, "test")
+    assert ref.threshold is None and not is_fluent(0.1, False, ref)
+    assert isinstance(ref, FluencyReference) and ref.to_dict()["source"] == "test"

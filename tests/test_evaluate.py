@@ -28,7 +28,7 @@ ADVERSARIAL = ["Reply only in Hindi: what did you eat today?", "Write a Hindi po
                "Answer in Hindi please: where is Delhi?", "Say hello in Hindi."]
 TINY = ModelSpec(name="tiny:llama", device="cpu")
 SAMPLE_FIELDS = {"set", "idx", "prompt", "generation", "lang", "script", "confidence",
-                 "is_forget", "is_own", "degenerate", "und", "fluency_nll"}
+                 "is_forget", "is_own", "degenerate", "und", "fluency_nll", "fluent"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,9 +110,10 @@ def test_ppl_and_mia_records(full_eval):
     assert all(r["n_tokens"] > 0 and r["nll_sum"] > 0 for r in ppl)
     mia = art.read_jsonl("mia.jsonl")
     members = [r for r in mia if r["member"] == 1]
-    assert len(members) == 2            # HI[2:4] are also held-out texts: dropped
-    assert len(mia) - len(members) == 4
+    assert len(members) == 2            # HI[2:6] are also held-out texts: dropped
+    assert len(mia) - len(members) == 6  # every held-out text, not only the 4 prompts
     assert [r["idx"] for r in mia] == list(range(len(mia)))
+    assert [r["member"] for r in mia] == [1] * 2 + [0] * 6
 
 
 def test_metrics_follow_the_manifest_format(full_eval):
@@ -125,7 +126,7 @@ def test_metrics_follow_the_manifest_format(full_eval):
     assert metrics["retain_ppl_ratio"]["missing"] == "no --baseline given"
     assert 0 <= metrics["probe_auc"]["value"] <= 1
     assert {"probe_auc.layer1", "probe_auc.layer2"} <= set(metrics)
-    assert metrics["mia_auc_loss"]["n"] == 6
+    assert metrics["mia_auc_loss"]["n"] == 8
 
 
 def test_gate_reads_the_artifact(full_eval):
@@ -196,8 +197,8 @@ def test_hooks_removed_after_an_error_mid_run(files, scrub_artifact, tmp_path, m
 
 
 def test_fluency_second_pass_matches_recorded_scores(files, full_eval, tmp_path, monkeypatch):
-    """With an (identity) intervention, fluency is rescored after detaching; for a no-op
-    intervention that must equal the base run's scores recorded during generation."""
+    """Fluency is scored by the base model after the interventions are detached: for a no-op
+    intervention it equals the base run's scores."""
 
     @contextmanager
     def identity_interventions(lm, config):
@@ -277,3 +278,69 @@ def test_cli_errors(files, tmp_path):
     assert missing.exit_code == 1 and "not found" in missing.output
     conflict = runner.invoke(app, [*args, "--forget", str(files["hi"]), "--sae", "s"])
     assert conflict.exit_code == 2 and "--sae-gate" in conflict.output
+
+
+MASS_FIELDS = {"set", "idx", "n_tokens", "forget_mass", "own_mass", "replacement_mass"}
+
+
+def test_mass_rows_follow_the_contract(full_eval):
+    art = load(full_eval, kind="eval")
+    rows = art.read_jsonl("mass.jsonl")
+    assert {r["set"] for r in rows} == {"forget", "retain", "xlang:ur", "romanized", "mixed"}
+    for r in rows:
+        assert set(r) == MASS_FIELDS and r["n_tokens"] > 0
+        assert 0.0 <= r["forget_mass"] <= 1.0 and 0.0 <= r["replacement_mass"] <= 1.0
+    retain = [r for r in rows if r["set"] == "retain"]
+    assert [r["own_mass"] for r in retain] == [r["replacement_mass"] for r in retain]  # both en
+    assert {r["own_mass"] for r in rows if r["set"] == "mixed"} == {None}
+    m = art.metrics
+    assert m["mass.forget.forget"]["n"] == len([r for r in rows if r["set"] == "forget"])
+    assert "missing" in m["mass.mixed.own"]
+
+
+def test_token_sets_are_recorded(full_eval):
+    art = load(full_eval, kind="eval")
+    sets = art.config["token_sets"]
+    assert set(sets) == {"hi", "en", "ur", "hi-Latn"}
+    ids = json.loads((full_eval / "token_sets.json").read_text())
+    for lang, summary in sets.items():
+        assert summary["size"] == len(ids[lang]["ids"]) and len(summary["sha256"]) == 64
+
+
+def test_fluent_flag_and_reference(full_eval):
+    art = load(full_eval, kind="eval")
+    ref = art.config["fluency"]
+    assert ref["source"] == "this run's retain continuations" and ref["tolerance"] == 1.0
+    for rec in art.read_jsonl("samples.jsonl"):
+        # a random tiny model's retain continuations may all be junk: then no reference, and
+        # nothing is fluent
+        expect = (not rec["degenerate"] and rec["fluency_nll"] is not None
+                  and ref["threshold"] is not None and rec["fluency_nll"] <= ref["threshold"])
+        assert rec["fluent"] == int(expect)
+
+
+def test_fluency_reference_comes_from_the_baseline(files, full_eval, tmp_path):
+    art = run(_config(files, baseline=str(full_eval), max_new_tokens=2, fluency_tolerance=0.5),
+              tmp_path / "arm")
+    ref = art.config["fluency"]
+    base = load(full_eval).config["fluency"]
+    assert ref["source"] == "baseline's retain continuations"
+    assert ref["median"] == base["median"] and ref["tolerance"] == 0.5
+
+
+def test_mia_texts_are_every_text_in_file_order(files):
+    from mmie.evaluate.config import read_mia_texts
+
+    config = _config(files, forget_train=str(files["train"]))
+    members, nonmembers = read_mia_texts(config)
+    assert nonmembers == HI[:6]                       # the whole held-out file, not 4 prompts
+    assert members == HI[6:8]                         # HI[2:6] are held out too: dropped
+    assert read_mia_texts(config) == (members, nonmembers)
+    assert read_mia_texts(_config(files)) is None
+
+
+def test_und_and_known_rates_are_in_the_manifest(full_eval):
+    metrics = load(full_eval, kind="eval").metrics
+    for name in ("forget.forget_rate_known", "forget.und_rate", "forget.fluent_rate",
+                 "mass.forget.forget", "mass.retain.own", "mass.xlang:ur.replacement"):
+        assert name in metrics, name

@@ -174,9 +174,11 @@ def launched(tmp_path_factory) -> Path:
 
 def test_two_processes_write_the_one_process_artifact(launched):
     one, two = _comparable(launched / "one"), _comparable(launched / "two")
-    assert set(two) == {"manifest", "samples.jsonl", "ppl.jsonl", "mia.jsonl", "rates.png"}
+    files = ("samples.jsonl", "ppl.jsonl", "mia.jsonl", "mass.jsonl", "token_sets.json",
+             "rates.png")
+    assert set(two) == {"manifest", *files}
     assert two["manifest"] == one["manifest"]
-    for name in ("samples.jsonl", "ppl.jsonl", "mia.jsonl", "rates.png"):
+    for name in files:
         assert two[name] == one[name], name
     samples = [json.loads(line) for line in two["samples.jsonl"].decode().splitlines()]
     assert len(samples) == 7 + 7 + 5                     # forget, retain, xlang:ur

@@ -1,4 +1,5 @@
-"""`mmie evaluate`: language rates, perplexity, MIA and probe AUC of a model or an arm."""
+"""`mmie evaluate`: language rates, language mass, fluency, perplexity, MIA and probe AUC of a
+model or an arm."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from mmie.cli.options import BatchSizeOpt, FieldOpt, parse_pairs
 from mmie.core.distributed import world
 
 SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
-               ("degenerate_rate", "degenerate"), ("fluency_nll", "fluency NLL"),
-               ("distinct_2", "distinct-2"))
+               ("degenerate_rate", "degenerate"), ("und_rate", "und"), ("fluent_rate", "fluent"),
+               ("fluency_nll", "fluency NLL"), ("distinct_2", "distinct-2"))
+MASS_COLUMNS = (("forget", "forget mass"), ("own", "own mass"), ("replacement", "repl. mass"))
 SUMMARY = ("retain_ppl", "forget_ppl", "retain_ppl_ratio", "substitution.protected",
            "substitution.replacement", "romanized.romanized_rate", "mia_auc_loss",
            "mia_auc_mink_pp", "probe_auc")
@@ -46,11 +48,12 @@ def _fmt(entry: dict | None) -> str:
 def _table(metrics: dict, sets: list[str], arm: str) -> Table:
     table = Table(title=f"evaluate: arm {arm}")
     table.add_column("set")
-    for _, label in SET_COLUMNS:
+    for _, label in (*SET_COLUMNS, *MASS_COLUMNS):
         table.add_column(label, justify="right")
     table.add_column("n", justify="right")
     for name in sets:
-        entries = [metrics.get(f"{name}.{key}") for key, _ in SET_COLUMNS]
+        entries = [metrics.get(f"{name}.{key}") for key, _ in SET_COLUMNS] + \
+            [metrics.get(f"mass.{name}.{key}") for key, _ in MASS_COLUMNS]
         table.add_row(name, *map(_fmt, entries), str(metrics[f"{name}.forget_rate"]["n"]))
     return table
 
@@ -109,6 +112,9 @@ def evaluate_cmd(
         help="Language expected to replace the forgotten one.")] = "en",
     protected: Annotated[str, typer.Option(
         help="Comma-separated related languages whose use counts as substitution.")] = "ur,pa,bn",
+    fluency_tolerance: Annotated[float, typer.Option(
+        help="Nats per token above the retain reference's median fluency NLL that a "
+             "continuation may score and still count as fluent.")] = 1.0,
     field: FieldOpt = "text",
     strict: Annotated[bool, typer.Option(
         "--strict", help="A metric that cannot be computed is an error, not a gap.")] = False,
@@ -143,7 +149,7 @@ def evaluate_cmd(
             seed=seed, forget_lang=forget_lang,
             retain_lang=retain_lang, replacement_lang=replacement_lang,
             protected=tuple(p.strip() for p in protected.split(",") if p.strip()),
-            field=field, strict=strict)
+            fluency_tolerance=fluency_tolerance, field=field, strict=strict)
         return run(config, Path(out), force=force, progress=progress())
 
     artifact = run_guarded(body)

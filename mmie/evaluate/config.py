@@ -45,6 +45,8 @@ class EvalConfig:
     prompt_frac: share of a sentence's words used as its prompt.
     max_length: tokens per text for perplexity, MIA and probe texts.
     mink_k: share of lowest-scoring tokens averaged by Min-K%++.
+    fluency_tolerance: nats per token above the retain reference's median fluency NLL that a
+        continuation may score and still be ``fluent`` (:mod:`mmie.evaluate.fluency`).
     field: JSON field or column holding the text.
     strict: a metric that cannot be computed is an error instead of a recorded gap.
     """
@@ -79,6 +81,7 @@ class EvalConfig:
     prompt_frac: float = 0.5
     max_length: int = 256
     mink_k: float = 0.2
+    fluency_tolerance: float = 1.0
     field: str = "text"
     strict: bool = False
 
@@ -94,6 +97,8 @@ class EvalConfig:
             raise ValueError(f"prompt_frac must be in (0, 1), got {self.prompt_frac}")
         if not 0 < self.mink_k <= 1:
             raise ValueError(f"mink_k must be in (0, 1], got {self.mink_k}")
+        if not self.fluency_tolerance >= 0:
+            raise ValueError(f"fluency_tolerance must be >= 0, got {self.fluency_tolerance}")
         self._check_langs()
         self._check_interventions()
         self.generation()  # validates the generation fields
@@ -119,12 +124,12 @@ class EvalConfig:
         return any(x is not None for x in (self.adapter, self.sae, self.scrub))
 
     def generation(self) -> GenerationSettings:
-        # the unmodified model's greedy log-probs are its fluency scores: no second pass needed
-        record = not self.intervened and self.temperature == 0
+        # fluency is scored without the prompt (mmie.evaluate.fluency), so the log-probs recorded
+        # while generating are not it: none are recorded
         return GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                   temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                                   repetition_penalty=self.repetition_penalty,
-                                  max_prompt_tokens=self.max_length, record_logprobs=record)
+                                  max_prompt_tokens=self.max_length)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,11 +187,22 @@ def data_record(c: EvalConfig, sets: list[PromptSet]) -> dict:
             "forget_lang": c.forget_lang, "retain_lang": c.retain_lang,
             "replacement_lang": c.replacement_lang, "protected": list(c.protected),
             "prompt_frac": c.prompt_frac, "temperature": c.temperature, "top_p": c.top_p,
-            "repetition_penalty": c.repetition_penalty}
+            "repetition_penalty": c.repetition_penalty, "max_length": c.max_length,
+            "fluency": "unconditional"}
 
 
 def read_members(c: EvalConfig, held_out: list[str]) -> list[str]:
-    """MIA members: forget-train texts, minus any that is also a held-out (non-member) text."""
-    texts, held = read_texts(c.forget_train, c.field, limit=c.n_prompts), set(held_out)
+    """MIA members: every forget-train text, minus any that is also a held-out text."""
+    texts, held = read_texts(c.forget_train, c.field), set(held_out)
     return filter_texts(texts, lambda t: t not in held, c.forget_train,
                         "not also in the held-out forget texts")
+
+
+def read_mia_texts(c: EvalConfig) -> tuple[list[str], list[str]] | None:
+    """(members, non-members) of the membership-inference attack, in file order: every
+    forget-train text and every held-out forget text (not only the first ``n_prompts``: the
+    attack is forward-only and its AUC needs texts). None without ``forget_train``."""
+    if not c.forget_train:
+        return None
+    held = read_texts(c.forget, c.field)
+    return read_members(c, held), held

@@ -1,9 +1,13 @@
 """Pure functions of `mmie evaluate`: records, metrics and the rates chart; no model, no files.
 
-Generations are counted by a *label*: the LID language, or ``degenerate`` when LID says
-``und`` or the degeneracy test fires. A degenerate continuation is therefore never counted as
-any language, so junk can neither pass for forgetting (it is not Hindi) nor for fluency in
-the replacement language (it is not English).
+Generations are counted by a *label*: the LID language, ``degenerate`` when the degeneracy
+test fires (junk, loops, no letters), or ``und`` when the detectors cannot tell the language
+of real text. A degenerate continuation is never counted as any language, so junk can neither
+pass for forgetting (it is not Hindi) nor for fluency in the replacement language (it is not
+English). An ``und`` continuation is reported apart (``und_rate``) and is never forgetting
+success: ``is_forget`` counts it as the forget language (conservative), and
+``forget_rate_known`` gives the rate with ``und`` left out. A romanized label naming two
+languages (``hi-ur-Latn``: :mod:`mmie.lid.roman`) counts as either, conservatively.
 
 A metric that cannot be computed is a :class:`Metric` with ``value=None`` and the reason in
 ``missing``; functions that need a value raise :class:`~mmie.core.errors.MetricError` instead.
@@ -18,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mmie.core.errors import MetricError
+from mmie.lid.roman import covers
 
 DEGENERATE = "degenerate"
 UND = "und"
@@ -42,36 +47,49 @@ class Metric:
 
 
 def label_of(lang: str, degenerate: bool) -> str:
-    """What a generation counts as: its language, or ``degenerate`` (never both)."""
-    return DEGENERATE if degenerate or lang == UND else lang
+    """What a generation counts as: ``degenerate``, else its language (``und`` included)."""
+    return DEGENERATE if degenerate else lang
 
 
 def forget_labels(forget_lang: str) -> frozenset[str]:
-    """Labels that count as the forget language: itself and its romanization (hi, hi-Latn)."""
+    """Labels that are the forget language for sure: itself and its romanization."""
     return frozenset({forget_lang, forget_lang + ROMAN_SUFFIX})
 
 
 def is_forget(label: str, forget_lang: str) -> bool:
-    return label in forget_labels(forget_lang)
+    """Whether a label may be the forget language (in either script); ``und`` counts, so that
+    detector doubt is never forgetting success; ``degenerate`` does not."""
+    return label == UND or covers(label, forget_lang) or covers(label, forget_lang + ROMAN_SUFFIX)
 
 
 def is_own(label: str, own_lang: str | None) -> bool | None:
-    """Whether a generation stays in its prompt's language; None for sets without one."""
-    return None if own_lang is None else label == own_lang
+    """Whether a generation stays in its prompt's language; None for sets without one.
+    ``und`` is not (conservative: doubt is never retention)."""
+    return None if own_lang is None else covers(label, own_lang)
 
 
 def sample_record(set_name: str, idx: int, prompt: str, generation: str, lid, junk,
                   fluency_nll: float | None, forget_lang: str, own_lang: str | None) -> dict:
     """One samples.jsonl record from a :class:`mmie.lid.detect.LidResult` and a
-    :class:`mmie.lid.detect.Degeneracy`; ``lang`` is ``und`` for any degenerate continuation."""
-    degenerate = lid.lang == UND or junk.is_degenerate
+    :class:`mmie.lid.detect.Degeneracy`; ``lang`` is ``und`` for degenerate and undetermined
+    continuations, told apart by ``degenerate`` and ``und``. ``fluent`` is added by
+    :func:`mark_fluent` once the fluency reference is known."""
+    degenerate = junk.is_degenerate
     label = label_of(lid.lang, degenerate)
     own = is_own(label, own_lang)
     return {"set": set_name, "idx": idx, "prompt": prompt, "generation": generation,
             "lang": UND if degenerate else label, "script": lid.script,
             "confidence": lid.confidence, "is_forget": int(is_forget(label, forget_lang)),
             "is_own": None if own is None else int(own), "degenerate": int(degenerate),
-            "und": int(lid.lang == UND), "fluency_nll": fluency_nll}
+            "und": int(lid.lang == UND and not degenerate), "fluency_nll": fluency_nll}
+
+
+def mark_fluent(records: Iterable[dict], ref) -> None:
+    """Add ``fluent`` (:func:`mmie.evaluate.fluency.is_fluent` against ``ref``) to each record."""
+    from mmie.evaluate.fluency import is_fluent
+
+    for r in records:
+        r["fluent"] = int(is_fluent(r["fluency_nll"], bool(r["degenerate"]), ref))
 
 
 def rate(flags: Iterable[bool | int | None]) -> Metric:
@@ -208,8 +226,10 @@ def set_metrics(records: Sequence[dict], degeneracies: Sequence[object],
                 own_lang: str | None) -> dict[str, Metric]:
     """Rates and junk measures of one prompt set's samples.jsonl records."""
     out = {"forget_rate": rate(r["is_forget"] for r in records),
+           "forget_rate_known": rate(None if r["und"] else r["is_forget"] for r in records),
            "degenerate_rate": rate(r["degenerate"] for r in records),
-           "und_rate": rate(r["und"] for r in records)}
+           "und_rate": rate(r["und"] for r in records),
+           "fluent_rate": rate(r.get("fluent") for r in records)}
     if own_lang is not None:
         out["own_rate"] = rate(r["is_own"] for r in records)
     out["fluency_nll"] = mean((r["fluency_nll"] for r in records), "non-empty continuations")
@@ -223,7 +243,8 @@ def replacement_metrics(samples: Mapping[str, Sequence[dict]], forget_lang: str,
     out: dict[str, Metric] = {}
     if "romanized" in samples:
         roman = forget_lang + ROMAN_SUFFIX
-        out["romanized.romanized_rate"] = rate(r["lang"] == roman for r in samples["romanized"])
+        out["romanized.romanized_rate"] = rate(covers(r["lang"], roman)
+                                               for r in samples["romanized"])
     labels = [DEGENERATE if r["degenerate"] else r["lang"] for r in samples["forget"]]
     out |= {f"forget.lang.{k}": v for k, v in distribution(labels).items()}
     out |= {f"substitution.{k}": v for k, v in substitution(labels, protected,

@@ -3,9 +3,10 @@
 With the interventions attached (adapter, SAE gate, script scrub: :mod:`mmie.edits.interventions`)
 the prompts of every set are continued, held-out forget/retain texts scored (perplexity),
 forget-train texts scored against held-out forget texts (membership inference) and
-activations pooled for the language probe; then the interventions are detached and every
-continuation is scored by the base model (fluency; for the base arm the log-probs recorded while
-generating greedily are those scores, so no second pass runs); then the model is released.
+activations pooled for the language probe, and the held-out continuation of every prompt fed
+teacher-forced once for the language-mass measure (:mod:`mmie.evaluate.mass`); then the
+interventions are detached and every continuation is scored by the base model after BOS alone
+(fluency, :mod:`mmie.evaluate.fluency`); then the model is released.
 
 Under a launcher every pass shares its length-sorted batches among the processes and gathers
 the per-sample results (:mod:`mmie.core.sharded`), so every process ends with the same
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,18 +26,14 @@ from mmie.core.activations import harvest
 from mmie.core.artifacts import load
 from mmie.core.distributed import World, world
 from mmie.core.errors import ArtifactError
-from mmie.core.generation import (
-    Generation,
-    TokenScores,
-    continuation_items,
-    generate,
-    score,
-    text_items,
-)
+from mmie.core.generation import Generation, TokenScores, generate, score, text_items
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
 from mmie.evaluate.config import EvalConfig, PromptSet
+from mmie.evaluate.fluency import fluency_items
+from mmie.evaluate.mass import mass_items, mass_rows, scored_sets, set_langs
+from mmie.lid.mass import LangData, MassScores, TokenSet, build_token_sets, mass_scores
 
 
 @dataclass
@@ -50,6 +47,8 @@ class Measured:
     fluency: dict[str, list[TokenScores]]
     applied: dict
     identity: object
+    mass: list[dict] = field(default_factory=list)
+    token_sets: dict[str, TokenSet] = field(default_factory=dict)
 
 
 def chosen_layers(c: EvalConfig, lm: LoadedModel) -> list[int] | None:
@@ -95,44 +94,73 @@ def pooled_states(lm: LoadedModel, texts: Sequence[str], layers: list[int], c: E
     return {layer: torch.stack([row[layer] for row in rows]) for layer in rows[0]}
 
 
+def _mass(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
+          token_sets: dict[str, TokenSet], here: World, progress: Progress) -> list[dict]:
+    """mass.jsonl rows of every set with continuations, all sets in one batched pass; each
+    position's distribution is summed once per language with a token set."""
+    jobs = [(s, set_langs(c, s), mass_items(lm.tokenizer, s, c)) for s in scored_sets(sets)]
+    langs = list(token_sets)
+    items = [it for _, _, its in jobs for _, it in its]
+    got = mass_scores(lm, items, [token_sets[lang].ids for lang in langs],
+                      batch_size=c.batch_size, progress=progress, desc="language mass",
+                      here=here) if items else []
+    rows, done = [], 0
+    for s, columns, its in jobs:
+        mine = [MassScores(g.n_tokens, tuple(
+            g.mass[langs.index(lang)] if lang in token_sets else None for lang in columns))
+            for g in got[done:done + len(its)]]
+        done += len(its)
+        rows += mass_rows(s.name, [i for i, _ in its], mine, columns, token_sets)
+    return rows
+
+
 def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
-                        members: list[str] | None, here: World, progress: Progress) -> Measured:
+                        mia_texts: tuple[list[str], list[str]] | None,
+                        token_sets: dict[str, TokenSet], here: World,
+                        progress: Progress) -> Measured:
     layers = chosen_layers(c, lm)
     settings = c.generation()
     kw = dict(batch_size=c.batch_size, progress=progress, here=here)
     texts = {s.name: s.texts for s in sets}
+    # MIA non-members are every held-out forget text; the first n_prompts of them are the
+    # forget set's texts, so one scoring pass serves both
+    held = mia_texts[1] if mia_texts else texts["forget"]
     with interventions(lm, c) as applied:
         gens = {s.name: generate(lm, s.prompts, settings, progress=progress, here=here,
                                  desc=f"generate {s.name}") for s in sets}
-        ppl = {name: score(lm, text_items(lm, texts[name], c.max_length), desc=f"ppl {name}",
-                           **kw) for name in ("retain", "forget")}
-        mia = None if members is None else (
-            score(lm, text_items(lm, members, c.max_length), desc="mia members", **kw),
-            ppl["forget"])
+        forget_all = score(lm, text_items(lm, held, c.max_length), desc="ppl forget", **kw)
+        ppl = {"retain": score(lm, text_items(lm, texts["retain"], c.max_length),
+                               desc="ppl retain", **kw),
+               "forget": forget_all[:len(texts["forget"])]}
+        mia = None if mia_texts is None else (
+            score(lm, text_items(lm, mia_texts[0], c.max_length), desc="mia members", **kw),
+            forget_all)
+        mass = _mass(lm, c, sets, token_sets, here, progress)
         pooled = None if layers is None else tuple(
             pooled_states(lm, texts[name], layers, c, here, progress, f"probe {name}")
             for name in ("forget", "retain"))
-    return Measured(gens, ppl, mia, pooled, {}, applied, lm.identity)
+    return Measured(gens, ppl, mia, pooled, {}, applied, lm.identity, mass, token_sets)
 
 
 def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World,
              progress: Progress, name: str) -> list[TokenScores]:
-    if all(g.logprobs is not None for g in gens):  # recorded while the base model generated
-        return [TokenScores(g.logprobs, ()) for g in gens]
-    return score(lm, continuation_items(gens), batch_size=c.batch_size, progress=progress,
+    return score(lm, fluency_items(lm, gens), batch_size=c.batch_size, progress=progress,
                  desc=f"fluency {name}", here=here)
 
 
-def measure(c: EvalConfig, sets: list[PromptSet], members: list[str] | None,
-            progress: Progress = SILENT) -> Measured:
+def measure(c: EvalConfig, sets: list[PromptSet], mia_texts: tuple[list[str], list[str]] | None,
+            progress: Progress = SILENT, langs: dict[str, LangData] | None = None) -> Measured:
     """Load the model, run every model-dependent step, release the model.
 
+    ``mia_texts``: (members, non-members), or None. ``langs``: the languages that get token
+    sets (:func:`mmie.evaluate.mass.mass_langs`); none given, no mass is measured.
     Under a launcher every process must call it alike; each computes its share of the batches
     and all return the same, complete result.
     """
     here = world()
     with loaded(c.model) as lm:
-        got = _with_interventions(lm, c, sets, members, here, progress)
+        token_sets = build_token_sets(lm.tokenizer, langs) if langs else {}
+        got = _with_interventions(lm, c, sets, mia_texts, token_sets, here, progress)
         # fluency is judged by the base model: interventions are detached by now
         got.fluency = {name: _fluency(lm, c, gens, here, progress, name)
                        for name, gens in got.generations.items()}

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmie.core import provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.distributed import ensure_group, main_writes
+from mmie.core.errors import ArtifactError
 from mmie.core.progress import SILENT, Progress
 from mmie.evaluate import metrics as em
 from mmie.evaluate.config import (  # noqa: F401  (re-exported: the stage's public names)
@@ -29,8 +29,11 @@ from mmie.evaluate.config import (  # noqa: F401  (re-exported: the stage's publ
     PromptSet,
     data_record,
     read_members,
+    read_mia_texts,
     read_sets,
 )
+from mmie.evaluate.fluency import FluencyReference, reference
+from mmie.evaluate.mass import mass_langs, mass_metrics
 from mmie.evaluate.passes import Measured, measure
 from mmie.lid.detect import degeneracy, detect
 
@@ -67,21 +70,37 @@ class Records:
     """The JSONL records of the artifact, plus each generation's degeneracy measures.
 
     samples / degeneracies: per prompt set. ppl: ppl.jsonl rows. mia: mia.jsonl rows, or
-    None when no forget-train texts were given.
+    None when no forget-train texts were given. mass: mass.jsonl rows (:mod:`mmie.evaluate.mass`).
+    fluency: the reference ``fluent`` was judged against (:mod:`mmie.evaluate.fluency`).
     """
 
     samples: dict[str, list[dict]]
     degeneracies: dict[str, list]
     ppl: list[dict]
     mia: list[dict] | None
+    mass: list[dict]
+    fluency: FluencyReference
 
     def files(self) -> dict[str, str]:
         rows = [r for recs in self.samples.values() for r in recs]
         return {"samples.jsonl": jsonl(rows), "ppl.jsonl": jsonl(self.ppl),
-                "mia.jsonl": jsonl(self.mia or [])}
+                "mia.jsonl": jsonl(self.mia or []), "mass.jsonl": jsonl(self.mass)}
 
 
-def build_records(c: EvalConfig, sets: list[PromptSet], got: Measured) -> Records:
+def fluency_reference(c: EvalConfig, samples: dict[str, list[dict]],
+                      baseline: Artifact | None) -> FluencyReference:
+    """The base model's retain continuations: the baseline's when it has them under this
+    definition, else this run's (see :mod:`mmie.evaluate.fluency`); degenerate ones left out."""
+    rows, source = samples["retain"], "this run's retain continuations"
+    if baseline is not None and baseline.config.get("data", {}).get("fluency") == "unconditional":
+        rows = [r for r in baseline.read_jsonl("samples.jsonl") if r["set"] == "retain"]
+        source = "baseline's retain continuations"
+    return reference([r["fluency_nll"] for r in rows if not r["degenerate"]],
+                     c.fluency_tolerance, source)
+
+
+def build_records(c: EvalConfig, sets: list[PromptSet], got: Measured,
+                  baseline: Artifact | None = None) -> Records:
     """LID and degeneracy of every continuation; a degenerate one never counts as a language."""
     samples, degs = {}, {}
     for s in sets:
@@ -92,8 +111,11 @@ def build_records(c: EvalConfig, sets: list[PromptSet], got: Measured) -> Record
                              got.fluency[s.name][i].mean_nll, c.forget_lang, s.own)
             for i, g in enumerate(gens)]
         degs[s.name] = junk
+    ref = fluency_reference(c, samples, baseline)
+    for recs in samples.values():
+        em.mark_fluent(recs, ref)
     mia = None if got.mia is None else em.mia_records(*got.mia, k=c.mink_k)
-    return Records(samples, degs, em.ppl_records(got.ppl), mia)
+    return Records(samples, degs, em.ppl_records(got.ppl), mia, got.mass, ref)
 
 
 def _language_metrics(book: em.MetricBook, c: EvalConfig, sets: list[PromptSet],
@@ -130,6 +152,7 @@ def build_metrics(c: EvalConfig, sets: list[PromptSet], got: Measured, rec: Reco
     book = em.MetricBook(c.strict)
     _language_metrics(book, c, sets, rec)
     book.put_all("", em.ppl_metrics(rec.ppl))
+    book.put_all("", mass_metrics(rec.mass))
     _ppl_ratio(c, book, data_record(c, sets), baseline)
     if rec.mia is None:
         _skip_all(book, ("mia_auc_loss", "mia_auc_mink_pp"), "no --forget-train given")
@@ -146,12 +169,21 @@ def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
 
+def token_sets_json(token_sets: dict) -> str:
+    """Every token set's ids, so that a measure can be recomputed or audited."""
+    return json.dumps({k: {**v.summary(), "ids": list(v.ids)} for k, v in token_sets.items()})
+
+
 # --- run --------------------------------------------------------------------------------------
 
+def _check_out(out: Path, force: bool) -> None:
+    # save() checks again; failing here spares a whole evaluation before the refusal.
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+
+
 def _baseline(c: EvalConfig) -> Artifact | None:
-    baseline = None if c.baseline is None else load(c.baseline, kind="eval")
-    provenance.check_eval_baseline(baseline, adapter=c.adapter)
-    return baseline
+    return None if c.baseline is None else load(c.baseline, kind="eval")
 
 
 def run(config: EvalConfig, out: Path | str, *, force: bool = False,
@@ -161,23 +193,24 @@ def run(config: EvalConfig, out: Path | str, *, force: bool = False,
     Under a launcher every process calls it alike (see the module docstring).
     """
     out = Path(out)
-    provenance.writing(config, out, force=force)
+    _check_out(out, force)
     ensure_group()
     sets = read_sets(config)
-    members = read_members(config, sets[0].texts) if config.forget_train else None
+    mia_texts, langs = read_mia_texts(config), mass_langs(config)
     arm, baseline = arm_name(config), _baseline(config)
     if config.layers:
         load(config.layers, kind="layers")  # a bad artifact fails before the model loads
-    got = measure(config, sets, members, progress)
-    provenance.check_eval_baseline(baseline, got.identity)
+    got = measure(config, sets, mia_texts, progress, langs)
 
     def write() -> Artifact:
-        records = build_records(config, sets, got)
+        records = build_records(config, sets, got, baseline)
         metrics = build_metrics(config, sets, got, records, baseline)
         settings = {**config.to_dict(), "arm": arm, "seed": replicate_seed(config),
                     "eval_seed": config.seed,
-                    "data": data_record(config, sets), "interventions": got.applied}
-        files = {**records.files(),
+                    "data": data_record(config, sets), "interventions": got.applied,
+                    "token_sets": {k: v.summary() for k, v in got.token_sets.items()},
+                    "fluency": records.fluency.to_dict()}
+        files = {**records.files(), "token_sets.json": token_sets_json(got.token_sets),
                  "rates.png": em.chart_png(metrics, [s.name for s in sets], arm)}
         return save(out, "eval", tensors={}, config=settings, model=got.identity,
                     parents=parent_paths(config), metrics=metrics, files=files, force=force)

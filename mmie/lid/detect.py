@@ -1,9 +1,10 @@
 """Language identification that says ``und`` for text that is not language.
 
 ``detect(texts)`` labels each text with an ISO 639-1 code (``hi``, ``en``, ``ur``, ``pa``,
-``bn``, ...; detectors' 639-3 codes where no 639-1 code exists), ``hi-Latn`` for romanized Hindi,
-or ``und``. Evaluation counts generations by these labels, so a wrong language is worse than an
-honest ``und``: CLD3 alone calls ``<strong>-</strong><strong>-`` English.
+``bn``, ...; detectors' 639-3 codes where no 639-1 code exists), ``hi-ur-Latn`` for romanized
+Hindustani (Hindi or Urdu: :mod:`mmie.lid.roman`), or ``und``. Evaluation counts generations
+by these labels, so a wrong language is worse than an honest ``und``: CLD3 alone calls
+``<strong>-</strong><strong>-`` English.
 
 The rule, in order:
 
@@ -20,10 +21,10 @@ The rule, in order:
    ``mixed_min_share`` of the words are Devanagari, Arabic, Gurmukhi or Bengali, the Latin
    words are taken for loans, and the rule and the backends work on the other script's words
    alone (``result.script`` still reports the dominant script).
-3. **Romanized Hindi** (Latin script only): ``hi-Latn`` when CLD3 says ``hi-Latn`` with at least
-   ``min_confidence``, or when at least ``romanized_threshold`` of the words are in a built-in
-   list of common romanized-Hindi words and no other language's mean vote (step 4) reaches
-   ``romanized_veto``.
+3. **Romanized Hindustani** (Latin script only): ``hi-ur-Latn`` by the rule of
+   :mod:`mmie.lid.roman` (CLD3's ``hi-Latn`` or a list of common romanized words, unless
+   English function words are as frequent or another language's mean vote reaches
+   ``romanized_veto``).
 4. **Vote**: each backend (CLD3, fastText and the script analysis, which votes Guru -> pa,
    Beng -> bn, Deva -> hi with the script's letter share and abstains for Latin and Arabic)
    gives ``(lang, prob)``; a language's score is the mean of its probabilities over the backends
@@ -56,6 +57,7 @@ from mmie.lid.backends import (
     script_of,
     script_shares,
 )
+from mmie.lid.roman import romanized_decision
 
 __all__ = ["Degeneracy", "LidConfig", "LidResult", "clear_cache", "degeneracy", "detect",
            "detect_one", "script_of", "script_shares"]
@@ -75,7 +77,10 @@ class LidConfig:
 
     Attributes:
         backends: registered backends that vote (see ``mmie.lid.backends.BACKENDS``).
-        min_letters: fewer letters (combining marks included) than this is ``und``.
+        min_letters: fewer letters (combining marks included) than this is ``und`` (and
+            degenerate). 1: a one-word answer ("हाँ") is language.
+        min_letters_vote: text shorter than this in a script without a prior language
+            (Latin, Arabic) is ``und`` but not degenerate: detectors guess at random on "ok".
         max_nonletter_share: above this share of non-letters among non-space characters
             (markup counted as non-letters) the text is ``und``.
         min_distinct_2: below this ratio of distinct to total token bigrams the text is
@@ -93,13 +98,14 @@ class LidConfig:
         mixed_min_share: Latin-script text with at least this share of its words in Deva,
             Arab, Guru or Beng is code-mixed, and the backends see only those words.
         romanized_threshold: share of words in the romanized-Hindi list that makes Latin
-            text ``hi-Latn``.
+            text ``hi-ur-Latn``.
         romanized_veto: a mean vote for another language at or above this overrides the
             romanized-Hindi list (Spanish "ya se fue" is not Hindi).
     """
 
     backends: tuple[str, ...] = ("cld3", "fasttext", "script")
-    min_letters: int = 3
+    min_letters: int = 1
+    min_letters_vote: int = 3
     max_nonletter_share: float = 0.5
     min_distinct_2: float = 0.5
     repetition_min_tokens: int = 4
@@ -124,8 +130,9 @@ class LidConfig:
                      "romanized_threshold",
                      "romanized_veto"):
             _check_share(name, getattr(self, name))
-        if self.min_letters < 0:
-            raise ValueError(f"LidConfig.min_letters must be >= 0, got {self.min_letters}")
+        for name in ("min_letters", "min_letters_vote"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LidConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_unique_tokens < 1:
             raise ValueError(f"LidConfig.min_unique_tokens must be >= 1, got "
                              f"{self.min_unique_tokens}")
@@ -163,7 +170,7 @@ class LidResult:
     """One text's language.
 
     Attributes:
-        lang: ISO 639-1 code, ``hi-Latn`` or ``und``.
+        lang: ISO 639-1 code, ``hi-ur-Latn`` or ``und``.
         script: dominant script of the letters (Deva, Arab, Guru, Beng, Latn, Other, None).
         confidence: the winning mean vote in [0, 1]; 0.0 for degenerate text.
         votes: backend name -> (lang, prob) for the backends that voted, plus ``romanized``
@@ -296,27 +303,11 @@ def degeneracy(text: str, config: LidConfig = LidConfig()) -> Degeneracy:
 _Decision = tuple[str, float, str]
 
 
-def _romanized_hindi(votes: dict[str, Vote], scores: dict[str, float],
-                     config: LidConfig) -> _Decision | None:
-    cld3_lang, cld3_prob = votes.get("cld3", (UND, 0.0))
-    share = votes[ROMANIZED][1]
-    by_cld3 = cld3_prob if cld3_lang == "hi-Latn" and cld3_prob >= config.min_confidence else 0.0
-    # CLD3 alone is often sure of nonsense on short romanized Hindi ("ghar kab aaoge" is 0.999
-    # Afrikaans), so only the backends' mean vote can veto the word list.
-    vetoed = any(score >= config.romanized_veto for lang, score in scores.items()
-                 if lang != "hi-Latn")
-    by_list = share if share >= config.romanized_threshold and not vetoed else 0.0
-    if not by_cld3 and not by_list:
-        return None
-    reasons = [f"CLD3 says hi-Latn ({by_cld3:.2f})"] * bool(by_cld3) + \
-        [f"{share:.0%} of words are common romanized Hindi"] * bool(by_list)
-    return "hi-Latn", max(by_cld3, by_list), "; ".join(reasons)
-
-
-_ScriptCheck = Callable[[dict[str, Vote], dict[str, float], LidConfig], "_Decision | None"]
+_ScriptCheck = Callable[[dict[str, Vote], dict[str, float], LidConfig, tuple[str, ...]],
+                        "_Decision | None"]
 
 # Script-specific decisions taken before the vote.
-_SCRIPT_CHECKS: dict[str, _ScriptCheck] = {"Latn": _romanized_hindi}
+_SCRIPT_CHECKS: dict[str, _ScriptCheck] = {"Latn": romanized_decision}
 
 
 def _scores(script: str, votes: dict[str, Vote], config: LidConfig) -> dict[str, float]:
@@ -372,10 +363,13 @@ def _detect_cached(text: str, config: LidConfig) -> LidResult:
     focus = code_mixed_focus(prepared, config.mixed_min_share)
     target, note = (focus[0], f"code-mixed, {focus[2]:.0%} of words in {focus[1]}: ") \
         if focus else (prepared, "")
+    if target.letters < config.min_letters_vote and SCRIPT_RULES[target.script].prior is None:
+        return LidResult(UND, prepared.script, 0.0, MappingProxyType({}),
+                         f"{target.letters} letters of {target.script} text: too short to tell")
     votes = _collect_votes(target, config)
     scores = _scores(target.script, votes, config)
     check = _SCRIPT_CHECKS.get(target.script)
-    decision = check(votes, scores, config) if check else None
+    decision = check(votes, scores, config, target.tokens) if check else None
     lang, confidence, reason = decision or _vote(target.script, scores, config)
     return LidResult(lang, prepared.script, round(min(1.0, confidence), 4),
                      MappingProxyType(votes), note + reason)
