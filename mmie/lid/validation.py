@@ -97,7 +97,7 @@ def is_romanized_label(lang: str) -> bool:
 
 def score_pools(pools: Sequence[Pool], limit: int | None = None) -> dict[str, Score]:
     """Per pool and ``all``: the label's counts (``limit`` texts per pool, for a quick run)."""
-    from mmie.lid import detect
+    from mmie.lid.detect import detect
 
     out, total = {}, [0, 0, 0, 0]
     for pool in pools:
