@@ -418,3 +418,15 @@ def test_f8_a_nan_in_the_baseline_is_blamed_on_the_baseline(tmp_path):
         "gate.json"))
     reasons = [g["reason"] for g in report["gates"] if "NaN" in g["reason"]]
     assert reasons and all(f"of the baseline {broken}" in r for r in reasons)
+
+
+def test_f4_evaluate_out_on_its_adapter_is_refused_before_the_model_loads(files, tmp_path,
+                                                                          monkeypatch):
+    adapter = save(tmp_path / "adapter", "adapter", tensors={}, config={"method": "lora"},
+                   model=None).path
+    monkeypatch.setattr("mmie.evaluate.measure", lambda *a, **k: pytest.fail("measured"))
+    config = EvalConfig(model=LLAMA, forget=str(files["hi"]), retain=str(files["en"]),
+                        n_prompts=4, max_new_tokens=4, adapter=str(adapter))
+    with pytest.raises(ArtifactError, match="is the input"):
+        evaluate(config, adapter, force=True)
+    assert load(adapter, kind="adapter").config == {"method": "lora"}

@@ -159,7 +159,7 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 
 
 def writes(config: T, out: Path, force: bool = False, resume: bool = False,
-           main: bool = True) -> T:
+           main: bool | None = None) -> T:
     """``config``, once ``--out`` passed every check that needs no work (it is not, does not
     contain and is not inside any path the config names; :func:`mmie.core.provenance.check_out`)."""
     from mmie.core.provenance import check_out, config_inputs

@@ -198,7 +198,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
-        return True  # someone else's live process (or not a PID): keep its folder
+        pass  # someone else's live process (or not a PID): keep its folder
     return True
 
 

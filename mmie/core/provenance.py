@@ -31,9 +31,11 @@ from mmie.core.artifacts import (
 )
 from mmie.core.errors import ArtifactError, DataError
 
-# config fields that name no file, whatever their value happens to match on disk
+# config fields that name no input file, whatever their value happens to match on disk (the
+# caches and checkpoint folders are working space: an artifact may well be written inside one)
 _NOT_PATHS = frozenset({"field", "method", "objective", "retain_loss", "device", "dtype",
-                        "arch", "scope", "score", "reft_kind", "gate", "arm", "name_hint"})
+                        "arch", "scope", "score", "reft_kind", "gate", "arm", "name_hint",
+                        "cache_dir", "checkpoint_dir"})
 
 
 def config_inputs(*configs: Any) -> list[Path]:
@@ -88,9 +90,13 @@ def check_overlap(out: Path | str, inputs: Iterable[Path | str]) -> None:
 
 
 def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, force: bool = False,
-              resume: bool = False, main: bool = True) -> Path:
-    """Everything about ``out`` that can be known before the work starts (module docstring)."""
+              resume: bool = False, main: bool | None = None) -> Path:
+    """Everything about ``out`` that can be known before the work starts (module docstring).
+    ``main``: this process writes (default: rank 0 under a launcher, else True)."""
+    from mmie.distributed import world
+
     out = Path(out)
+    main = world().main if main is None else main
     check_names_a_folder(out)
     check_overlap(out, inputs)  # before the target: "it is your input" says more than "exists"
     check_target(out, force, resume)

@@ -38,7 +38,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -242,7 +242,10 @@ def _finished(c: UnlearnConfig, done: Artifact, progress: Progress) -> Artifact:
     """``--resume`` on a complete artifact: the same run does nothing; another is refused."""
     data = done.metrics.get("data", {})
     sets = [data.get("forget", {}), *data.get("retain", [])]
-    record = {**{k: done.config.get(k) for k in c.to_dict()},
+    # a field added since the artifact was written counts as its default then
+    defaults = asdict(replace(c, **{f.name: f.default for f in fields(c)
+                                    if f.default is not MISSING}))
+    record = {**{k: done.config.get(k, defaults[k]) for k in c.to_dict()},
               "data_sha256": {s.get("path"): s.get("sha256") for s in sets},
               "layers_sha256": [p.get("sha256") for p in done.manifest.get("parents", [])]}
     if changes := setting_changes(record, _recorded(c)):
