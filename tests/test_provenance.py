@@ -424,7 +424,7 @@ def test_f4_evaluate_out_on_its_adapter_is_refused_before_the_model_loads(files,
                                                                           monkeypatch):
     adapter = save(tmp_path / "adapter", "adapter", tensors={}, config={"method": "lora"},
                    model=None).path
-    monkeypatch.setattr("mmie.evaluate.measure", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr("mmie.evaluate.stage.measure", lambda *a, **k: pytest.fail("measured"))
     config = EvalConfig(model=LLAMA, forget=str(files["hi"]), retain=str(files["en"]),
                         n_prompts=4, max_new_tokens=4, adapter=str(adapter))
     with pytest.raises(ArtifactError, match="is the input"):

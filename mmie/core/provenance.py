@@ -93,7 +93,7 @@ def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, force: bool
               resume: bool = False, main: bool | None = None) -> Path:
     """Everything about ``out`` that can be known before the work starts (module docstring).
     ``main``: this process writes (default: rank 0 under a launcher, else True)."""
-    from mmie.distributed import world
+    from mmie.core.distributed import world
 
     out = Path(out)
     main = world().main if main is None else main
