@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmie.core import provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.distributed import ensure_group, main_writes
-from mmie.core.errors import ArtifactError
 from mmie.core.progress import SILENT, Progress
 from mmie.evaluate import metrics as em
 from mmie.evaluate.config import (  # noqa: F401  (re-exported: the stage's public names)
@@ -176,14 +176,10 @@ def token_sets_json(token_sets: dict) -> str:
 
 # --- run --------------------------------------------------------------------------------------
 
-def _check_out(out: Path, force: bool) -> None:
-    # save() checks again; failing here spares a whole evaluation before the refusal.
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
-
-
 def _baseline(c: EvalConfig) -> Artifact | None:
-    return None if c.baseline is None else load(c.baseline, kind="eval")
+    baseline = None if c.baseline is None else load(c.baseline, kind="eval")
+    provenance.check_eval_baseline(baseline, adapter=c.adapter)
+    return baseline
 
 
 def run(config: EvalConfig, out: Path | str, *, force: bool = False,
@@ -193,7 +189,7 @@ def run(config: EvalConfig, out: Path | str, *, force: bool = False,
     Under a launcher every process calls it alike (see the module docstring).
     """
     out = Path(out)
-    _check_out(out, force)
+    provenance.writing(config, out, force=force)
     ensure_group()
     sets = read_sets(config)
     mia_texts, langs = read_mia_texts(config), mass_langs(config)
@@ -201,6 +197,7 @@ def run(config: EvalConfig, out: Path | str, *, force: bool = False,
     if config.layers:
         load(config.layers, kind="layers")  # a bad artifact fails before the model loads
     got = measure(config, sets, mia_texts, progress, langs)
+    provenance.check_eval_baseline(baseline, got.identity)
 
     def write() -> Artifact:
         records = build_records(config, sets, got, baseline)
