@@ -452,7 +452,8 @@ def _mia_privleak(arm, base, _xset, _ctx):
 
     def stat(idx):
         base_auc = auc_base(idx)
-        return (auc_arm(idx) - base_auc) / base_auc
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (auc_arm(idx) - base_auc) / base_auc
 
     return Comparison(len(keys), stat, strata=members)
 

@@ -42,7 +42,7 @@ class Profile:
 BASE = Profile(forget=0.9, degenerate=0.02, substitute=0.03, unfluent=0.0, leak=0.01, own=0.97,
                variant=0.5, nll=2.0, forget_mass=0.8, own_mass=0.7, mia_gap=0.0)
 GOOD = Profile(forget=0.005, degenerate=0.01, substitute=0.01, unfluent=0.01, leak=0.005,
-               own=0.97, variant=0.05, nll=2.005, forget_mass=0.2, own_mass=0.7, mia_gap=0.0)
+               own=0.97, variant=0.02, nll=2.005, forget_mass=0.2, own_mass=0.7, mia_gap=0.0)
 PERFECT = Profile(forget=0.0, degenerate=0.0, substitute=0.0, unfluent=0.0, leak=0.0, own=1.0,
                   variant=0.0, nll=2.0, forget_mass=0.01, own_mass=0.7, mia_gap=0.0)
 
@@ -53,11 +53,15 @@ class Sizes:
 
     forget: int = 100
     xlang: int = 100
-    family: int = 100
+    family: int = 100      # per family, unless ``families`` names it
     retain: int = 100
     members: int = 100     # MIA: forget-train texts
     nonmembers: int = 100  # MIA: held-out forget texts
     xlangs: tuple[str, ...] = ("ur",)
+    families: tuple[tuple[str, int], ...] = ()
+
+    def family_size(self, name: str) -> int:
+        return dict(self.families).get(name, self.family)
 
 
 def _flags(rng, n: int, p: float) -> np.ndarray:
@@ -92,7 +96,7 @@ def samples(p: Profile, s: Sizes, rng) -> list[dict]:
     for fam in FAMILIES:
         rows += [{"set": fam, "idx": i, "lang": "hi" if hit else "en", "is_forget": int(hit),
                   "is_own": None, "degenerate": 0, "fluency_nll": None}
-                 for i, hit in enumerate(_flags(rng, s.family, p.variant))]
+                 for i, hit in enumerate(_flags(rng, s.family_size(fam), p.variant))]
     return rows
 
 
