@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmie import gate_forward  # noqa: F401  (registers the forward-only gates)
 from mmie.artifacts import Artifact, save
 from mmie.gate_decision import (  # noqa: F401  (re-exported: the stage's public names)
     FAIL,

@@ -11,7 +11,8 @@ of one of three kinds, which fixes how :mod:`mmie.bounds` bounds it:
 
 A gate whose inputs are absent, null everywhere or non-finite raises :class:`MissingInput`
 with the reason. Adding a gate is one registered extractor here plus its threshold in
-``mmie/gates.toml``. Substitution and the perplexity ratio are defined once, in
+``mmie/gates.toml`` (the forward-only gates on mass.jsonl and mia.jsonl register themselves
+in :mod:`mmie.gate_forward`). Substitution and the perplexity ratio are defined once, in
 :mod:`mmie.eval_metrics`, and used by both `evaluate` and the gates.
 """
 
@@ -30,7 +31,6 @@ import numpy as np
 from mmie import eval_metrics as em
 from mmie.artifacts import Artifact, load
 from mmie.errors import ArtifactError, MetricError
-from mmie.stats import auc_statistic
 
 Key = tuple[str, int]
 Getter = Callable[[dict], Any]
@@ -292,18 +292,7 @@ def _count(values: np.ndarray) -> Proportion:
     return Proportion(int(values.sum()), len(values))
 
 
-def _ratio_of_means(num: np.ndarray, den: np.ndarray, what: str) -> Comparison:
-    if den.mean() <= 0:
-        raise MissingInput(f"baseline {what} is 0; a ratio to it is undefined")
-
-    def stat(idx):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return num[idx].mean(axis=-1) / den[idx].mean(axis=-1)
-
-    return Comparison(len(num), stat)
-
-
-def _xlang_set(xset: str | None) -> str:
+def xlang_set(xset: str | None) -> str:
     if xset is None:
         raise MissingInput("the baseline has no 'xlang:XX' sets")
     return xset
@@ -359,7 +348,7 @@ def _degenerate(arm, base, _xset, _ctx):
                "share of generations in the forget language on each protected language's prompts",
                Method.PROPORTION, per_xlang=True)
 def _xlang_leakage(arm, base, xset, _ctx):
-    a, _ = paired(arm, base, _xlang_set(xset), "is_forget")
+    a, _ = paired(arm, base, xlang_set(xset), "is_forget")
     return _count(a[:, 0])
 
 
@@ -367,7 +356,7 @@ def _xlang_leakage(arm, base, xset, _ctx):
                "own-language rate on each protected language's prompts: arm / baseline",
                Method.RATIO, per_xlang=True)
 def _xlang_retention(arm, base, xset, _ctx):
-    a, b = paired(arm, base, _xlang_set(xset), "is_own")
+    a, b = paired(arm, base, xlang_set(xset), "is_own")
     return ProportionRatio(int(a[:, 0].sum()), int(b[:, 0].sum()), len(a))
 
 
@@ -409,53 +398,6 @@ def _retain_ppl_ratio(arm, base, _xset, _ctx):
         return em.ppl_ratio(arm_nll, base_nll)
 
     return Comparison(len(a), stat)
-
-
-@register_gate("forget_mass_ratio", Direction.LESS,
-               "mean probability mass on forget-language tokens over held-out 'forget' "
-               "continuations (teacher-forced): arm / baseline", Method.BOOTSTRAP)
-def _forget_mass_ratio(arm, base, _xset, _ctx):
-    a, b = paired(arm, base, "forget", "forget_mass", table="mass")
-    return _ratio_of_means(a[:, 0], b[:, 0], "forget mass on set 'forget'")
-
-
-@register_gate("xlang_own_mass", Direction.GREATER,
-               "mean own-language token mass on each protected language's texts: arm / baseline",
-               Method.BOOTSTRAP, per_xlang=True)
-def _xlang_own_mass(arm, base, xset, _ctx):
-    xset = _xlang_set(xset)
-    a, b = paired(arm, base, xset, "own_mass", table="mass")
-    return _ratio_of_means(a[:, 0], b[:, 0], f"own mass on set '{xset}'")
-
-
-def _mia_rows(records: EvalRecords, who: str) -> dict[tuple[int, int], float]:
-    if records.mia is None:
-        raise MissingInput(f"{who} artifact has no mia.jsonl")
-    rows = {(int(r["member"]), int(r["idx"])): r.get("loss") for r in records.mia}
-    return {k: float(v) for k, v in rows.items() if v is not None}
-
-
-@register_gate("mia_privleak", Direction.WITHIN,
-               "PrivLeak: (MIA AUC arm - MIA AUC baseline) / AUC baseline, score -loss on "
-               "forget-train vs held-out texts; near 0 = no trace left", Method.BOOTSTRAP)
-def _mia_privleak(arm, base, _xset, _ctx):
-    theirs, ours = _mia_rows(base, "baseline"), _mia_rows(arm, "arm")
-    keys = sorted(set(theirs) & set(ours))
-    members = np.array([k[0] for k in keys])
-    if min(members.sum(), len(keys) - members.sum()) < 2:
-        raise MissingInput(f"mia.jsonl pairs need >= 2 members and >= 2 non-members, got "
-                           f"{int(members.sum())} and {len(keys) - int(members.sum())}")
-    scores = np.array([[-ours[k], -theirs[k]] for k in keys])
-    if not np.isfinite(scores).all():
-        raise MissingInput("NaN/inf loss in mia.jsonl")
-    auc_arm, auc_base = (auc_statistic(scores[:, j], members) for j in (0, 1))
-
-    def stat(idx):
-        base_auc = auc_base(idx)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (auc_arm(idx) - base_auc) / base_auc
-
-    return Comparison(len(keys), stat, strata=members)
 
 
 @register_gate("probe_auc", Direction.WITHIN,
