@@ -180,10 +180,12 @@ class Resamples:
         return float(np.quantile(self.distribution, self.quantile_level(alpha, side)))
 
     def pvalue(self, threshold: float, side: str) -> float:
-        """Smallest alpha at which the BCa bound clears ``threshold`` (bisection)."""
+        """Smallest alpha at which the BCa bound clears ``threshold`` (bisection), never
+        below 1 / (B + 1): B resamples cannot resolve a smaller p-value."""
         if self.zero_width:
             return 1.0
-        return _invert(lambda a: _passes(self.bound(a, side), threshold, side))
+        p = _invert(lambda a: _passes(self.bound(a, side), threshold, side))
+        return max(p, 1.0 / (self.distribution.size + 1))
 
     def test(self, threshold: float, alpha: float, side: str) -> Bound:
         return Bound(self.estimate, self.bound(alpha, side), self.pvalue(threshold, side),

@@ -286,3 +286,18 @@ def test_cli_gate(evals, tmp_path):
     assert json.loads(zh.stdout)["arms"]["lora-npo"] == STOP
     bad = runner.invoke(app, [*args, "--force", "--alpha", "2"])
     assert bad.exit_code == 2 and "alpha" in bad.output
+
+
+def test_one_definition_of_substitution_replacement_and_ppl_ratio():
+    from mmie import eval_metrics as em
+
+    labels = ["en", "en-Latn", "hi", "hi-Latn", "ur-Latn", "zh", "degenerate", "und"]
+    assert [em.substituted(lb, "hi", "en") for lb in labels] == [
+        False, False, False, False, True, True, False, False]
+    sub = em.substitution(labels, ["ur"], "en", forget_lang="hi")
+    assert sub["other"] == em.Metric(2 / 8, 8) and sub["replacement"] == em.Metric(2 / 8, 8)
+    assert em.fluent_replacement({"lang": "en", "degenerate": 0}, "en")  # no fluent field
+    assert not em.fluent_replacement({"lang": "en", "degenerate": 0, "fluent": False}, "en")
+    assert not em.fluent_replacement({"lang": "und", "degenerate": 1, "fluent": True}, "en")
+    # exp(token-weighted mean NLL difference): NLL 2.1 vs 2.0 nats/token
+    assert float(em.ppl_ratio(2.1, 2.0)) == pytest.approx(math.exp(0.1))
