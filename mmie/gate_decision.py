@@ -22,6 +22,8 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+
 from mmie import bounds
 from mmie.errors import MetricError
 from mmie.gate_metrics import (
@@ -160,8 +162,6 @@ def _evidence(spec: GateSpec, xset: str | None, seeds: Mapping[int, EvalRecords]
 
 def _seed_values(found: dict) -> Comparison:
     """Per-seed values (probe AUC) as a bootstrap over seeds, the replication unit."""
-    import numpy as np
-
     values = np.array([found[s] for s in sorted(found)], dtype=np.float64)
     if len(values) < 2:
         raise MetricError("one seed: a per-seed metric has no interval")
