@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,88 +12,50 @@ import pytest
 from typer.testing import CliRunner
 
 from mmie.cli import app
-from mmie.core.artifacts import load, save
+from mmie.core.artifacts import load
 from mmie.core.errors import MetricError
 from mmie.gate.metrics import GATES, group_evals, read_eval
-from mmie.gate.stage import FAIL, PASS, PROCEED, REPORT, STOP, GateConfig, evaluate_gates, run
+from mmie.gate.stage import (
+    FAIL,
+    NOT_INFORMATIVE,
+    PASS,
+    PROCEED,
+    REPORT,
+    STOP,
+    GateConfig,
+    evaluate_gates,
+    min_n_table,
+    run,
+)
+from tests.gate_synth import BASE, DATA, GOOD, PERFECT, Sizes, records, write
 
-N = 100
-DATA = {"sha256": {"forget": "aa", "retain": "bb", "xlang:ur": "cc"}, "n_prompts": N,
-        "max_new_tokens": 32, "forget_lang": "hi", "replacement_lang": "en",
-        "protected": ["ur", "pa", "bn"]}
-WORKING = {"forget": 0.05, "leak": 0.0, "own": 0.95, "nll": 2.02, "fluency": 3.1,
-           "degenerate": 0.02, "substitute": 0.0, "variant": 0.05, "mia_gap": 0.0}
-BROKEN = {"forget": 0.9, "leak": 0.4, "own": 0.5, "nll": 3.0, "fluency": 5.0,
-          "degenerate": 0.5, "substitute": 0.3, "variant": 0.8, "mia_gap": 2.0}
-BASELINE = {"forget": 0.95, "leak": 0.0, "own": 0.95, "nll": 2.0, "fluency": 3.0,
-            "degenerate": 0.0, "substitute": 0.0, "variant": 0.9, "mia_gap": 2.0}
-
-
-def _flags(rng: np.random.Generator, share: float) -> list[int]:
-    """N Bernoulli(share) draws, so seeds differ and intervals have width."""
-    return (rng.random(N) < share).astype(int).tolist()
-
-
-def _samples(p: dict, rng: np.random.Generator) -> list[dict]:
-    rows = []
-    forget, subst = _flags(rng, p["forget"]), _flags(rng, p["substitute"])
-    for i, (hit, degenerate) in enumerate(zip(forget, _flags(rng, p["degenerate"]), strict=True)):
-        lang = "hi" if hit else ("ur" if subst[i] else "en")
-        rows.append({"set": "forget", "idx": i, "lang": lang, "is_forget": hit, "is_own": None,
-                     "degenerate": degenerate, "fluency_nll": p["fluency"] + rng.normal(0, 0.2)})
-    for i, (leak, own) in enumerate(zip(_flags(rng, p["leak"]), _flags(rng, p["own"]),
-                                        strict=True)):
-        rows.append({"set": "xlang:ur", "idx": i, "lang": "hi" if leak else "ur",
-                     "is_forget": leak, "is_own": own, "degenerate": 0, "fluency_nll": None})
-    for name in ("romanized", "mixed", "adversarial"):
-        rows += [{"set": name, "idx": i, "lang": "hi" if hit else "en", "is_forget": hit,
-                  "is_own": None, "degenerate": 0, "fluency_nll": None}
-                 for i, hit in enumerate(_flags(rng, p["variant"]))]
-    return rows
+SIZES = Sizes(forget=160, xlang=160, family=160, retain=160, members=60, nonmembers=160)
+WORKING = replace(GOOD, forget=0.0)  # the fixture's arm must pass: no unlucky draw
+BROKEN = replace(BASE, forget=0.6, degenerate=0.3, leak=0.4, own=0.5, nll=3.0,
+                 forget_mass=0.7, own_mass=0.3, mia_gap=2.0)
 
 
-def _ppl(p: dict, rng: np.random.Generator) -> list[dict]:
-    tokens = rng.integers(10, 30, size=N)
-    return [{"set": "retain", "idx": i, "n_tokens": int(t),
-             "nll_sum": float(t * (p["nll"] + rng.normal(0, 0.05)))} for i, t in enumerate(tokens)]
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(sum(map(ord, name)))
 
 
-def _mia(p: dict, rng: np.random.Generator) -> list[dict]:
-    # Each member shares its loss with one non-member: AUC is exactly 0.5 without a gap.
-    losses = np.repeat(rng.normal(3.0, 1.0, size=150), 2)
-    return [{"idx": i, "member": int(i % 2 == 0),
-             "loss": float(loss - p["mia_gap"] * (i % 2 == 0)), "mink_pp": 0.0}
-            for i, loss in enumerate(losses)]
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
-def make_eval(root: Path, name: str, arm: str, seed: int, profile: dict, *, data=None,
-              samples=None, extra_metrics=None) -> Path:
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    files = {"samples.jsonl": _jsonl(samples if samples is not None else _samples(profile, rng)),
-             "ppl.jsonl": _jsonl(_ppl(profile, rng)), "mia.jsonl": _jsonl(_mia(profile, rng))}
-    config = {"arm": arm, "seed": seed, "data": data or DATA}
-    save(root / name, "eval", tensors={}, config=config, model=None, files=files,
-         metrics=extra_metrics or {})
-    return root / name
+def _write(root: Path, name: str, arm: str, seed: int, profile, sizes=SIZES, **kw) -> Path:
+    return write(root, name, arm, seed, profile, sizes, _rng(name), **kw)
 
 
 @pytest.fixture
 def evals(tmp_path: Path) -> dict:
     return {
-        "baseline": make_eval(tmp_path, "base", "base", 0, BASELINE),
-        "working": [make_eval(tmp_path, f"good{s}", "lora-npo", s, WORKING,
-                              extra_metrics={"probe_auc": {"value": 0.5 + s / 100, "n": 80}})
+        "baseline": _write(tmp_path, "base", "base", 0, BASE),
+        "working": [_write(tmp_path, f"good{s}", "lora-npo", s, WORKING,
+                           metrics={"probe_auc": {"value": 0.5 + s / 100, "n": 80}})
                     for s in (1, 2)],
-        "broken": [make_eval(tmp_path, f"bad{s}", "broken", s, BROKEN) for s in (1, 2)],
+        "broken": [_write(tmp_path, f"bad{s}", "broken", s, BROKEN) for s in (1, 2)],
     }
 
 
 def _config(**kw) -> GateConfig:
-    return GateConfig.from_toml(None, n_boot=kw.pop("n_boot", 300), **kw)
+    return GateConfig.from_toml(kw.pop("path", None), n_boot=kw.pop("n_boot", 400), **kw)
 
 
 def _gate_json(artifact) -> dict:
@@ -106,50 +68,136 @@ def _result(report: dict, gate: str, arm: str) -> dict:
 
 def test_working_arm_proceeds_broken_arm_stops(evals, tmp_path):
     paths = evals["working"] + evals["broken"]
-    artifact = run(_config(), evals["baseline"], paths, tmp_path / "gate")
-    report = _gate_json(artifact)
+    report = _gate_json(run(_config(), evals["baseline"], paths, tmp_path / "gate"))
     assert report["arms"]["lora-npo"]["decision"] == PROCEED, report["arms"]["lora-npo"]
     assert report["arms"]["broken"]["decision"] == STOP
-    assert {"forget_drop", "retain_ppl_ratio", "xlang_leakage:ur", "mia_auc"} <= set(
-        report["arms"]["broken"]["failed"])
-    drop = _result(report, "forget_drop", "lora-npo")
-    assert drop["level"] == "seed" and drop["decision"] == PASS
-    assert drop["ci"]["low"] > 0.3 and drop["p_adj"] < 0.05
-    assert set(drop["per_seed"]) == {"1", "2"} and drop["per_seed"]["1"]["n"] == N
+    assert {"forget_rate", "retain_ppl_ratio", "xlang_leakage:ur", "mia_privleak",
+            "forget_mass_ratio", "xlang_own_mass:ur"} <= set(report["arms"]["broken"]["failed"])
+    rate = _result(report, "forget_rate", "lora-npo")
+    assert rate["level"] == "every seed" and rate["decision"] == PASS
+    assert rate["method"] == "proportion" and rate["min_n"] == 59 and rate["n"] == 160
+    assert rate["ci"]["high"] < 0.05 and set(rate["per_seed"]) == {"1", "2"}
+    assert rate["q"] is not None and rate["q"] >= rate["p_raw"]
     probe = _result(report, "probe_auc", "lora-npo")  # one value per seed, reported only
-    assert probe["decision"] == REPORT and probe["in_fdr_family"] is False
-    assert probe["estimate"] == pytest.approx(0.515) and probe["ci"]["low"] >= 0.51
-    # The artifact records the summary and both renderings.
+    assert probe["decision"] == REPORT and probe["decisive"] is False
+    assert probe["estimate"] == pytest.approx(0.515)
     loaded = load(tmp_path / "gate", kind="gate")
     assert loaded.metrics["broken"]["decision"] == STOP
     assert loaded.read_text("gate.md").count("| lora-npo |") >= len(GATES)
     assert (tmp_path / "gate" / "forest.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_single_seed_uses_sample_level_interval_and_says_so(evals, tmp_path):
-    report = _gate_json(run(_config(), evals["baseline"], evals["working"][:1], tmp_path / "g"))
-    drop = _result(report, "forget_drop", "lora-npo")
-    assert drop["level"] == "sample" and "single seed" in drop["reason"]
-    assert report["arms"]["lora-npo"]["level"] == "sample"
-    probe = _result(report, "probe_auc", "lora-npo")
-    assert probe["decision"] == REPORT and probe["ci"] is None
-    assert probe["estimate"] == pytest.approx(0.51) and "one seed" in probe["reason"]
+def test_an_arms_verdict_does_not_depend_on_the_other_arms(evals, tmp_path):
+    alone = _gate_json(run(_config(), evals["baseline"], evals["working"], tmp_path / "a"))
+    both = _gate_json(run(_config(), evals["baseline"], evals["working"] + evals["broken"],
+                          tmp_path / "b"))
+    mine = [g for g in both["gates"] if g["arm"] == "lora-npo"]
+    assert mine == alone["gates"]  # q-values included: BH runs within one arm
 
 
-def test_nan_metric_fails_and_leaves_the_fdr_family(evals, tmp_path):
-    rows = _samples(WORKING, np.random.default_rng(0))
-    for row in rows:
-        if row["set"] == "forget":
-            row["fluency_nll"] = math.nan
-    bad = make_eval(tmp_path, "nan", "lora-npo", 1, WORKING, samples=rows)
-    report = _gate_json(run(_config(), evals["baseline"], [bad], tmp_path / "g"))
-    fluency = _result(report, "fluency", "lora-npo")
-    assert fluency["decision"] == FAIL and "NaN" in fluency["reason"]
-    assert fluency["p_raw"] is None and fluency["in_fdr_family"] is False
-    assert any(e.startswith("fluency@lora-npo") for e in report["fdr"]["excluded"])
-    computable = sum(g["in_fdr_family"] for g in report["gates"])
-    assert report["fdr"]["family_size"] == computable
-    assert report["arms"]["lora-npo"]["decision"] == STOP
+def test_three_prompts_per_set_perfect_arm_stops_with_insufficient_evidence(tmp_path):
+    tiny = Sizes(forget=3, xlang=3, family=3, retain=3, members=3, nonmembers=3)
+    base = _write(tmp_path, "base", "base", 0, BASE, tiny)
+    arm = _write(tmp_path, "perfect", "perfect", 1, PERFECT, tiny)
+    report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
+    verdict = report["arms"]["perfect"]
+    assert verdict["decision"] == STOP and verdict["passed"] == 0
+    decisive = [g for g in report["gates"] if g["decisive"]]
+    assert all(g["decision"] == FAIL for g in decisive)
+    assert all(g["insufficient"] or g["reason"].startswith("not computable") for g in decisive)
+    rate = _result(report, "forget_rate", "perfect")
+    assert rate["reason"].startswith("insufficient evidence: n=3, needs >= 59")
+    assert rate["ci"]["high"] > 0.6  # 0 of 3: the exact bound is wide, never zero-width
+
+
+def test_base_model_against_itself_stops(evals, tmp_path):
+    base = evals["baseline"]
+    report = _gate_json(run(_config(), base, [base], tmp_path / "g"))
+    verdict = report["arms"]["base"]
+    assert verdict["decision"] == STOP
+    by_gate = {g["gate"]: g for g in report["gates"]}
+    # What unlearning must achieve fails; the paired comparisons on identical records have
+    # zero-width intervals and are insufficient, never a pass.
+    for gate in ("forget_rate", "replacement", "romanized_forget", "mixed_forget",
+                 "adversarial_forget"):
+        assert by_gate[gate]["decision"] == FAIL, gate
+    for gate in ("retain_ppl_ratio", "forget_mass_ratio", "xlang_own_mass:ur", "mia_privleak"):
+        assert by_gate[gate]["insufficient"] and "zero-width" in by_gate[gate]["reason"], gate
+
+
+def test_base_model_against_itself_at_small_n_passes_nothing(tmp_path):
+    small = Sizes(forget=16, xlang=16, family=16, retain=16, members=16, nonmembers=16)
+    base = _write(tmp_path, "base", "base", 0, BASE, small)
+    report = _gate_json(run(_config(), base, [base], tmp_path / "g"))
+    assert report["arms"]["base"]["decision"] == STOP
+    assert all(g["decision"] != PASS for g in report["gates"]), [
+        (g["gate"], g["reason"]) for g in report["gates"] if g["decision"] == PASS]
+
+
+def test_family_gate_is_not_informative_below_the_floor(tmp_path):
+    base = _write(tmp_path, "base", "base", 0, replace(BASE, variant=0.05))
+    arm = _write(tmp_path, "arm", "lora-npo", 1, GOOD)
+    report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
+    fam = _result(report, "adversarial_forget", "lora-npo")
+    assert fam["decision"] == NOT_INFORMATIVE and fam["decisive"] is False
+    assert "not informative" in fam["reason"] and "floor 0.2" in fam["reason"]
+    verdict = report["arms"]["lora-npo"]
+    assert "adversarial_forget" in verdict["not_informative"]
+    assert "adversarial_forget" not in verdict["failed"]
+    assert "NOT INFORMATIVE" in (tmp_path / "g" / "gate.md").read_text()
+
+
+def test_replacement_counts_fluent_answers_in_the_replacement_language(tmp_path):
+    def chinese(files):  # 75% of forget prompts answered in Chinese: must not pass
+        for row in files["samples.jsonl"]:
+            if row["set"] == "forget" and row["idx"] % 4:
+                row.update(lang="zh", fluent=True, degenerate=0, is_forget=0)
+        return files
+
+    base = _write(tmp_path, "base", "base", 0, BASE)
+    arm = _write(tmp_path, "zh", "zh", 1, GOOD, edit=chinese)
+    report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
+    assert _result(report, "replacement", "zh")["decision"] == FAIL
+    sub = _result(report, "substitution", "zh")
+    assert sub["decision"] == FAIL and "zh" in sub["per_seed"]["1"]["detail"]
+    assert report["settings"]["replacement_lang"] == "en"
+    # The same arm judged against Chinese as the replacement passes that gate.
+    other = _gate_json(run(_config(replacement_lang="zh"), base, [arm], tmp_path / "h"))
+    assert _result(other, "replacement", "zh")["estimate"] == pytest.approx(120 / 160)
+
+
+def test_unfluent_answers_do_not_count_as_replacement(tmp_path):
+    def unfluent(files):
+        for row in files["samples.jsonl"]:
+            if row["set"] == "forget":
+                row["fluent"] = False
+        return files
+
+    base = _write(tmp_path, "base", "base", 0, BASE)
+    arm = _write(tmp_path, "arm", "arm", 1, GOOD, edit=unfluent)
+    report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
+    assert _result(report, "replacement", "arm")["estimate"] == 0.0
+
+
+def test_missing_mass_file_fails_with_reason(tmp_path):
+    base = _write(tmp_path, "base", "base", 0, BASE)
+    arm = _write(tmp_path, "arm", "arm", 1, GOOD, drop=("mass.jsonl",))
+    report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
+    mass = _result(report, "forget_mass_ratio", "arm")
+    assert mass["decision"] == FAIL and "no mass.jsonl" in mass["reason"]
+    assert mass["p_raw"] is None and report["arms"]["arm"]["decision"] == STOP
+
+
+def test_nan_metric_fails_with_reason(tmp_path):
+    def nan_loss(files):
+        files["mia.jsonl"][0]["loss"] = math.nan
+        return files
+
+    base = _write(tmp_path, "base", "base", 0, BASE)
+    arm = _write(tmp_path, "nan", "arm", 1, GOOD, edit=nan_loss)
+    report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
+    mia = _result(report, "mia_privleak", "arm")
+    assert mia["decision"] == FAIL and "NaN" in mia["reason"] and mia["q"] is None
 
 
 def test_same_seed_gives_identical_gate_json(evals, tmp_path):
@@ -157,19 +205,23 @@ def test_same_seed_gives_identical_gate_json(evals, tmp_path):
     first = run(_config(seed=3), evals["baseline"], paths, tmp_path / "a").read_text("gate.json")
     again = run(_config(seed=3), evals["baseline"], paths, tmp_path / "b").read_text("gate.json")
     assert first == again
-    # Another seed moves the sample-level intervals (checked without a third artifact).
     base, arms = read_eval(evals["baseline"]), group_evals(paths)
     other = [r.to_dict() for r in evaluate_gates(_config(seed=4), base, arms)]
+    ppl = [g for g in other if g["gate"] == "retain_ppl_ratio"][0]
+    assert ppl["ci"] != _result(json.loads(first), "retain_ppl_ratio", "lora-npo")["ci"]
 
-    def lows(gates):
-        return [[v.get("low") for v in g["per_seed"].values()] for g in gates]
 
-    assert lows(json.loads(first)["gates"]) != lows(other)
+def test_min_n_table_at_the_defaults():
+    table = min_n_table(GateConfig())
+    assert table["forget_rate"] == 59       # (1 - 0.05)^n <= 0.05
+    assert table["xlang_leakage"] == 29     # (1 - 0.10)^n <= 0.05
+    assert table["replacement"] == 14       # 0.8^n <= 0.05
+    assert table["retain_ppl_ratio"] == 20  # the bootstrap floor
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"n_boot": 99}, "n_boot"),
-    ({"ci_method": "jackknife"}, "jackknife"),
+    ({"alpha": 0.0}, "alpha"), ({"alpha": 0.5}, "alpha"), ({"n_boot": 99}, "n_boot"),
+    ({"replacement_lang": "en-Latn"}, "replacement_lang"),
 ])
 def test_config_validation(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -178,16 +230,20 @@ def test_config_validation(settings, message):
 
 def test_toml_overrides_and_refuses_unknown_names(tmp_path):
     good = tmp_path / "good.toml"
-    good.write_text("[forget_drop]\nthreshold = 0.6\n[probe_auc]\nenabled = false\n")
+    good.write_text("[forget_rate]\nthreshold = 0.1\n[probe_auc]\nenabled = false\n"
+                    "[mixed_forget]\nfloor = 0.3\n")
     config = GateConfig.from_toml(good)
-    assert config.rules["forget_drop"].threshold == 0.6
+    assert config.rules["forget_rate"].threshold == 0.1
     assert config.rules["probe_auc"].enabled is False
-    assert config.rules["mia_auc"].threshold == (0.4, 0.6)  # untouched default
+    assert config.rules["mixed_forget"].floor == 0.3
+    assert config.rules["mia_privleak"].threshold == (-0.1, 0.1)  # untouched default
     cases = {"[forget_rate_typo]\nthreshold = 0.1\n": "unknown gate 'forget_rate_typo'",
-             "[forget_drop]\nthreshhold = 0.1\n": "unknown key.*threshhold",
-             "[mia_auc]\nthreshold = 0.5\n": r"\[low, high\]",
+             "[forget_rate]\nthreshhold = 0.1\n": "unknown key.*threshhold",
+             "[mia_privleak]\nthreshold = 0.5\n": r"\[low, high\]",
              "[degenerate]\nthreshold = 'x'\n": "finite number",
-             "[forget_drop\n": "not valid TOML"}
+             "[forget_rate]\nfloor = 0.2\n": "takes no floor",
+             "[mixed_forget]\nfloor = 1.5\n": "floor must be",
+             "[forget_rate\n": "not valid TOML"}
     for text, message in cases.items():
         path = tmp_path / "bad.toml"
         path.write_text(text)
@@ -196,24 +252,23 @@ def test_toml_overrides_and_refuses_unknown_names(tmp_path):
 
 
 def test_mismatched_data_is_refused_naming_the_key(evals, tmp_path):
-    other = make_eval(tmp_path, "other", "lora-npo", 1, WORKING,
-                      data={**DATA, "sha256": {**DATA["sha256"], "retain": "zz"}})
+    other = _write(tmp_path, "other", "lora-npo", 1, GOOD,
+                   data={**DATA, "sha256": {**DATA["sha256"], "retain": "zz"}})
     with pytest.raises(MetricError, match=r"data\.sha256\.retain differs"):
         run(_config(), evals["baseline"], [other], tmp_path / "g")
 
 
-def test_too_few_samples_is_refused(evals, tmp_path):
-    rows = [r for r in _samples(WORKING, np.random.default_rng(0))
-            if r["set"] != "forget" or r["idx"] == 0]
-    tiny = make_eval(tmp_path, "tiny", "lora-npo", 1, WORKING, samples=rows)
-    with pytest.raises(MetricError, match="1 'forget' sample.*at least 2"):
-        run(_config(), evals["baseline"], [tiny], tmp_path / "g")
-
-
 def test_duplicate_arm_seed_is_refused(evals, tmp_path):
-    twin = make_eval(tmp_path, "twin", "lora-npo", 1, WORKING)
+    twin = _write(tmp_path, "twin", "lora-npo", 1, GOOD)
     with pytest.raises(MetricError, match="two evals for arm 'lora-npo' seed 1"):
         run(_config(), evals["baseline"], [evals["working"][0], twin], tmp_path / "g")
+
+
+def test_in_memory_records_match_artifact_records(tmp_path):
+    rng = _rng("x")
+    mem = records("arm", 1, GOOD, SIZES, rng)
+    assert {k[0] for k in mem.samples} >= {"forget", "xlang:ur", "romanized"}
+    assert mem.mass is not None and mem.ppl is not None
 
 
 def test_cli_gate(evals, tmp_path):
@@ -227,5 +282,22 @@ def test_cli_gate(evals, tmp_path):
     assert (out / "gate.json").is_file()
     stopped = runner.invoke(app, [*args[:-1], "--force", "--stop-exit-code", "3"])
     assert stopped.exit_code == 3, stopped.output
+    zh = runner.invoke(app, [*args, "--force", "--replacement-lang", "zh"])
+    assert json.loads(zh.stdout)["arms"]["lora-npo"] == STOP
     bad = runner.invoke(app, [*args, "--force", "--alpha", "2"])
     assert bad.exit_code == 2 and "alpha" in bad.output
+
+
+def test_one_definition_of_substitution_replacement_and_ppl_ratio():
+    from mmie.evaluate import metrics as em
+
+    labels = ["en", "en-Latn", "hi", "hi-Latn", "ur-Latn", "zh", "degenerate", "und"]
+    assert [em.substituted(lb, "hi", "en") for lb in labels] == [
+        False, False, False, False, True, True, False, False]
+    sub = em.substitution(labels, ["ur"], "en", forget_lang="hi")
+    assert sub["other"] == em.Metric(2 / 8, 8) and sub["replacement"] == em.Metric(2 / 8, 8)
+    assert em.fluent_replacement({"lang": "en", "degenerate": 0}, "en")  # no fluent field
+    assert not em.fluent_replacement({"lang": "en", "degenerate": 0, "fluent": False}, "en")
+    assert not em.fluent_replacement({"lang": "und", "degenerate": 1, "fluent": True}, "en")
+    # exp(token-weighted mean NLL difference): NLL 2.1 vs 2.0 nats/token
+    assert float(em.ppl_ratio(2.1, 2.0)) == pytest.approx(math.exp(0.1))

@@ -1,4 +1,4 @@
-"""`mmie gate`: bootstrap CIs, FDR correction and PROCEED/STOP decisions per arm over seeds."""
+"""`mmie gate`: one-sided bounds per gate and a PROCEED/STOP decision per arm over seeds."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from mmie.cli.common import (
 )
 from mmie.core.errors import MmieError
 
-_STYLES = {"PASS": "green", "FAIL": "red", "REPORT": "dim", "PROCEED": "bold green",
-           "STOP": "bold red"}
+_STYLES = {"PASS": "green", "FAIL": "red", "REPORT": "dim", "NOT INFORMATIVE": "dim",
+           "PROCEED": "bold green", "STOP": "bold red"}
 
 
 def _styled(decision: str) -> str:
@@ -39,17 +39,30 @@ def _table(report: dict) -> Table:
     from mmie.gate.render import threshold_text
 
     table = Table(title="mmie gate")
-    for column in ("arm", "gate", "estimate", "CI", "level", "threshold", "p (BH)", "decision"):
+    for column in ("arm", "gate", "estimate", "interval", "threshold", "n", "min n", "decision"):
         table.add_column(column)
     for g in report["gates"]:
         ci = "-" if g["ci"] is None else f"[{g['ci']['low']:.4g}, {g['ci']['high']:.4g}]"
-        table.add_row(g["arm"], g["gate"], _fmt(g["estimate"]), ci, g["level"] or "-",
-                      threshold_text(g), _fmt(g["p_adj"]), _styled(g["decision"]))
+        table.add_row(g["arm"], g["gate"], _fmt(g["estimate"]), ci, threshold_text(g),
+                      _fmt(g["n"]), _fmt(g["min_n"]), _styled(g["decision"]))
     table.add_section()
     for arm, verdict in report["arms"].items():
-        table.add_row(arm, "[bold]all gates[/]", "", "", verdict["level"], "", "",
+        table.add_row(arm, "[bold]all decisive gates[/]", "", "", "", "", "",
                       _styled(verdict["decision"]))
     return table
+
+
+def _notes(report: dict) -> list[str]:
+    """Lines under the table: insufficient and not-informative gates, said in words."""
+    out = []
+    for arm, verdict in report["arms"].items():
+        if verdict["insufficient"]:
+            out.append(f"{arm}: insufficient evidence (too few samples to pass at this alpha, "
+                       f"see 'min n'): {', '.join(verdict['insufficient'])}")
+        if verdict["not_informative"]:
+            out.append(f"{arm}: not informative, shown but not decisive (the baseline's own "
+                       f"rate is below the floor): {', '.join(verdict['not_informative'])}")
+    return out
 
 
 @app.command("gate")
@@ -65,7 +78,12 @@ def gate_cmd(
         show_default=False)] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML thresholds overriding the shipped mmie/gates.toml.")] = None,
-    alpha: Annotated[float, typer.Option(help="FDR level; intervals are (1 - alpha).")] = 0.05,
+    alpha: Annotated[float, typer.Option(
+        help="Level of each one-sided gate test (bands: TOST); the verdict's error rate is at "
+             "most alpha too.")] = 0.05,
+    replacement_lang: Annotated[str, typer.Option(
+        help="Language forget prompts should be answered in instead (the replacement "
+             "gate).")] = "en",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = 10000,
     seed: SeedOpt = 0,
     stop_exit_code: Annotated[int | None, typer.Option(
@@ -73,23 +91,26 @@ def gate_cmd(
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Bootstrap CIs, FDR correction and PROCEED/STOP decisions per arm over seeds."""
+    """Exact and BCa bounds per gate, PROCEED/STOP per arm over seeds (docs/gates.md)."""
     from mmie.gate.stage import STOP, GateConfig, run
 
     def body():
         if config is not None and not config.is_file():
             raise MmieError(f"--config {config}: no such file (a TOML file of gate thresholds)")
-        settings = GateConfig.from_toml(config, alpha=alpha, n_boot=n_boot, seed=seed)
+        settings = GateConfig.from_toml(config, alpha=alpha, n_boot=n_boot, seed=seed,
+                                        replacement_lang=replacement_lang)
         return run(settings, baseline, [*evals, *(more_evals or [])], out, force=force,
                    progress=progress())
 
     artifact = run_guarded(body)
     report = json.loads(artifact.read_text("gate.json"))
     console.print(_table(report))
+    for line in _notes(report):
+        info(line)
     info(f"wrote {artifact.path}")
     decisions = {arm: verdict["decision"] for arm, verdict in report["arms"].items()}
     if json_out:
         emit_json({"artifact": str(artifact.path), "arms": decisions,
-                   "gates": report["gates"], "fdr": report["fdr"]})
+                   "gates": report["gates"], "rule": report["rule"]})
     if stop_exit_code is not None and STOP in decisions.values():
         raise typer.Exit(stop_exit_code)

@@ -106,21 +106,61 @@ def distribution(labels: Sequence[str]) -> dict[str, Metric]:
     return {label: Metric(counts[label] / len(labels), len(labels)) for label in sorted(counts)}
 
 
-def substitution(labels: Sequence[str], protected: Iterable[str],
-                 replacement: str) -> dict[str, Metric]:
+def base_lang(label: str) -> str:
+    """'ur-Latn' -> 'ur': a language counts whatever script it is written in."""
+    return label.split("-")[0]
+
+
+def record_label(record: Mapping) -> str:
+    """The label of a samples.jsonl record: ``degenerate`` or its language."""
+    return DEGENERATE if record.get("degenerate") else record["lang"]
+
+
+def replaced_by(label: str, replacement: str) -> bool:
+    """The generation is in the expected replacement language (any script)."""
+    return label not in (DEGENERATE, UND) and base_lang(label) == base_lang(replacement)
+
+
+def fluent_replacement(record: Mapping, replacement: str) -> bool:
+    """In the replacement language, not degenerate, and fluent where fluency was judged
+    (a record without a ``fluent`` field counts on the label alone)."""
+    return replaced_by(record_label(record), replacement) and record.get("fluent", True) is True
+
+
+def substituted(label: str, forget_lang: str, replacement: str) -> bool:
+    """The forget language was replaced by a real language other than the expected one."""
+    if label in (DEGENERATE, UND):
+        return False
+    return base_lang(label) not in {base_lang(forget_lang), base_lang(replacement)}
+
+
+def substitution(labels: Sequence[str], protected: Iterable[str], replacement: str,
+                 forget_lang: str | None = None) -> dict[str, Metric]:
     """What replaced the forget language on forget prompts, side by side.
 
-    ``protected``: share answered in a protected related language (any script: ``ur-Latn``
-    counts as ``ur``); ``replacement``: share answered in the expected replacement language.
+    ``replacement``: share in the expected replacement language; ``protected``: share in a
+    protected related language (any script: ``ur-Latn`` counts as ``ur``); ``other`` (when
+    ``forget_lang`` is given): share in any language but the forget and the replacement one,
+    the quantity the ``substitution`` gate bounds.
     """
+    keys = ("protected", "replacement") + (("other",) if forget_lang else ())
     if not labels:
-        reason = "no generations on forget prompts"
-        return {k: Metric.absent(reason) for k in ("protected", "replacement")}
-    langs, wanted = [label.split("-")[0] for label in labels], set(protected)
-    n_prot = sum(lang in wanted for lang in langs)
-    n_repl = sum(lang == replacement for lang in langs)
-    return {"protected": Metric(n_prot / len(labels), len(labels)),
-            "replacement": Metric(n_repl / len(labels), len(labels))}
+        return {k: Metric.absent("no generations on forget prompts") for k in keys}
+    wanted, n = {base_lang(p) for p in protected}, len(labels)
+    out = {"protected": Metric(sum(base_lang(lb) in wanted for lb in labels) / n, n),
+           "replacement": Metric(sum(replaced_by(lb, replacement) for lb in labels) / n, n)}
+    if forget_lang:
+        out["other"] = Metric(sum(substituted(lb, forget_lang, replacement)
+                                  for lb in labels) / n, n)
+    return out
+
+
+def ppl_ratio(arm_nll, base_nll):
+    """Perplexity ratio arm / baseline on the same texts: exp of the difference of their
+    token-weighted mean NLLs (:func:`mean_nll`). Works on floats and numpy arrays alike."""
+    import numpy as np
+
+    return np.exp(np.asarray(arm_nll, dtype=np.float64) - base_nll)
 
 
 def mean(values: Iterable[float | None], what: str = "values") -> Metric:
@@ -245,10 +285,10 @@ def replacement_metrics(samples: Mapping[str, Sequence[dict]], forget_lang: str,
         roman = forget_lang + ROMAN_SUFFIX
         out["romanized.romanized_rate"] = rate(covers(r["lang"], roman)
                                                for r in samples["romanized"])
-    labels = [DEGENERATE if r["degenerate"] else r["lang"] for r in samples["forget"]]
+    labels = [record_label(r) for r in samples["forget"]]
     out |= {f"forget.lang.{k}": v for k, v in distribution(labels).items()}
-    out |= {f"substitution.{k}": v for k, v in substitution(labels, protected,
-                                                             replacement).items()}
+    out |= {f"substitution.{k}": v for k, v in substitution(labels, protected, replacement,
+                                                             forget_lang).items()}
     return out
 
 

@@ -1,10 +1,19 @@
 """What `mmie gate` measures: eval-artifact records, their checks, and the gate registry.
 
-Each gate turns an arm's records (paired with the baseline's by ``(set, idx)``) into a
-:class:`Comparison`: a sample count and a statistic over resampled sample indices, so that the
-bootstrap in :mod:`mmie.core.stats` resamples whole samples, arm and baseline together. A gate whose
-inputs are absent, null everywhere or non-finite raises :class:`MissingInput` with the reason.
-Adding a gate is one registered extractor here plus its threshold in ``mmie/gates.toml``.
+Each gate turns an arm's records (paired with the baseline's by ``(set, idx)``) into evidence
+of one of three kinds, which fixes how :mod:`mmie.core.bounds` bounds it:
+
+* :class:`Proportion` ``x`` of ``n`` (a rate of 0/1 outcomes): exact Clopper-Pearson;
+* :class:`ProportionRatio` (arm rate / baseline rate on the same prompts): Bonferroni-split
+  Clopper-Pearson;
+* :class:`Comparison` (any other statistic over resampled sample indices, arm and baseline
+  resampled together): BCa bootstrap.
+
+A gate whose inputs are absent, null everywhere or non-finite raises :class:`MissingInput`
+with the reason. Adding a gate is one registered extractor here plus its threshold in
+``mmie/gates.toml`` (the forward-only gates on mass.jsonl and mia.jsonl register themselves
+in :mod:`mmie.gate.forward`). Substitution and the perplexity ratio are defined once, in
+:mod:`mmie.evaluate.metrics`, and used by both `evaluate` and the gates.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import numpy as np
 
 from mmie.core.artifacts import Artifact, load
 from mmie.core.errors import ArtifactError, MetricError
-from mmie.core.stats import auc_statistic
+from mmie.evaluate import metrics as em
 
 Key = tuple[str, int]
 Getter = Callable[[dict], Any]
@@ -39,12 +48,21 @@ class Direction(str, Enum):
     WITHIN = "within"
 
 
+class Method(str, Enum):
+    """How a gate's evidence is bounded (see the module docstring)."""
+
+    PROPORTION = "proportion"
+    RATIO = "proportion ratio"
+    BOOTSTRAP = "bootstrap"
+    SEED = "per-seed value"
+
+
 @dataclass(frozen=True)
 class EvalRecords:
     """The parts of one eval artifact the gates read.
 
-    samples / ppl: records of samples.jsonl / ppl.jsonl keyed by ``(set, idx)``; ppl is None
-        when the artifact has no ppl.jsonl.
+    samples / ppl / mass: records of samples.jsonl / ppl.jsonl / mass.jsonl keyed by
+        ``(set, idx)``; ppl and mass are None when the artifact lacks the file.
     mia: records of mia.jsonl, or None when absent.
     metrics: the manifest metrics (``{name: {"value", "n", "missing"?}}``).
     """
@@ -57,50 +75,83 @@ class EvalRecords:
     ppl: dict[Key, dict] | None = None
     mia: list[dict] | None = None
     metrics: dict = field(default_factory=dict)
+    mass: dict[Key, dict] | None = None
 
     def xlang_sets(self) -> list[str]:
         return sorted({name for name, _ in self.samples if name.startswith("xlang:")})
 
 
 @dataclass(frozen=True)
+class Proportion:
+    """``x`` successes of ``n`` 0/1 outcomes; ``detail`` is shown in the report."""
+
+    x: int
+    n: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProportionRatio:
+    """Arm rate ``xa / n`` over baseline rate ``xb / n`` on the same ``n`` prompts."""
+
+    xa: int
+    xb: int
+    n: int
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """``statistic`` maps an index array ``(..., m)`` into the ``n`` samples to ``(...)``."""
+    """``statistic`` maps an index array ``(..., m)`` into the ``n`` samples to ``(...)``.
+
+    strata: optional class of each sample; the bootstrap then resamples within classes.
+    """
 
     n: int
     statistic: Callable[[np.ndarray], np.ndarray]
+    strata: np.ndarray | None = None
 
 
-Extractor = Callable[[EvalRecords, EvalRecords, "str | None"], Any]
+@dataclass(frozen=True)
+class GateContext:
+    """Run-wide settings an extractor may need."""
+
+    replacement_lang: str = "en"
+
+
+Extractor = Callable[[EvalRecords, EvalRecords, "str | None", GateContext], Any]
 
 
 @dataclass(frozen=True)
 class GateSpec:
     """A registered gate.
 
-    extract: ``(arm, baseline, xlang_set) -> Comparison`` (or a float for ``scope='seed'``).
-    scope: 'sample' (bootstrap over samples) or 'seed' (one number per seed, e.g. probe AUC).
+    extract: ``(arm, baseline, xlang_set, context) -> evidence`` (a float for
+        ``method=SEED``).
     per_xlang: expands into one gate per ``xlang:XX`` set of the baseline (``name:XX``).
+    floor: the gate compares with the baseline on a prompt family and is *not informative*
+        (shown, not decisive) when the baseline's own rate there is below the rule's floor.
     """
 
     name: str
     direction: Direction
     description: str
     extract: Extractor
-    scope: str = "sample"
+    method: Method
     per_xlang: bool = False
+    floor: bool = False
 
 
 GATES: dict[str, GateSpec] = {}
 
 
-def register_gate(name: str, direction: Direction, description: str, *,
-                  scope: str = "sample", per_xlang: bool = False):
+def register_gate(name: str, direction: Direction, description: str, method: Method, *,
+                  per_xlang: bool = False, floor: bool = False):
     """Decorator adding an extractor to :data:`GATES`."""
 
     def add(fn: Extractor) -> Extractor:
         if name in GATES:
             raise ValueError(f"gate '{name}' is already registered")
-        GATES[name] = GateSpec(name, direction, description, fn, scope, per_xlang)
+        GATES[name] = GateSpec(name, direction, description, fn, method, per_xlang, floor)
         return fn
 
     return add
@@ -153,7 +204,8 @@ def read_eval(path: Path) -> EvalRecords:
         path=str(path), arm=art.config["arm"], seed=art.config["seed"],
         data=art.config["data"], samples=_keyed(art, "samples.jsonl"),
         ppl=_keyed(art, "ppl.jsonl") if "ppl.jsonl" in files else None,
-        mia=_jsonl(art, "mia.jsonl") if "mia.jsonl" in files else None, metrics=art.metrics)
+        mia=_jsonl(art, "mia.jsonl") if "mia.jsonl" in files else None, metrics=art.metrics,
+        mass=_keyed(art, "mass.jsonl") if "mass.jsonl" in files else None)
 
 
 def group_evals(paths: Sequence[Path]) -> dict[str, dict[int, EvalRecords]]:
@@ -203,6 +255,12 @@ def _getter(spec: str | Getter) -> Getter:
     return spec if callable(spec) else (lambda record: record.get(spec))
 
 
+def _keys(arm: EvalRecords, base: EvalRecords, set_name: str,
+          table: str = "samples") -> list[Key]:
+    theirs, ours = getattr(base, table), getattr(arm, table)
+    return sorted(k for k in theirs if k[0] == set_name and k in ours)
+
+
 def paired(arm: EvalRecords, base: EvalRecords, set_name: str, *fields: str | Getter,
            table: str = "samples") -> tuple[np.ndarray, np.ndarray]:
     """Arm and baseline values ``[n, len(fields)]`` on ``set_name``, paired by ``(set, idx)``.
@@ -215,7 +273,7 @@ def paired(arm: EvalRecords, base: EvalRecords, set_name: str, *fields: str | Ge
         if tab is None:
             raise MissingInput(f"{who} artifact has no {table}.jsonl")
     getters = [_getter(f) for f in fields]
-    keys = sorted(k for k in base_table if k[0] == set_name and k in arm_table)
+    keys = _keys(arm, base, set_name, table)
     rows = [([g(arm_table[k]) for g in getters], [g(base_table[k]) for g in getters])
             for k in keys]
     rows = [r for r in rows if None not in r[0] and None not in r[1]]
@@ -231,49 +289,106 @@ def paired(arm: EvalRecords, base: EvalRecords, set_name: str, *fields: str | Ge
     return a, b
 
 
-def _mean(values: np.ndarray) -> Comparison:
-    return Comparison(len(values), lambda idx: values[idx].mean(axis=-1))
+def _count(values: np.ndarray) -> Proportion:
+    return Proportion(int(values.sum()), len(values))
 
 
-def _positive_rate(values: np.ndarray, what: str) -> None:
-    if values.mean() <= 0:
-        raise MissingInput(f"baseline {what} is 0; a relative change is undefined")
+def xlang_set(xset: str | None) -> str:
+    if xset is None:
+        raise MissingInput("the baseline has no 'xlang:XX' sets")
+    return xset
 
 
-def _ratio_of_means(num: np.ndarray, den: np.ndarray) -> Comparison:
-    def stat(idx):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return num[idx].mean(axis=-1) / den[idx].mean(axis=-1)
+# --- generation-based gates ---------------------------------------------------------------
 
-    return Comparison(len(num), stat)
-
-
-def base_lang(code: str) -> str:
-    """'ur-Latn' -> 'ur': substitution counts a language whatever script it is written in."""
-    return code.split("-")[0]
+@register_gate("forget_rate", Direction.LESS,
+               "share of 'forget' generations in the forget language (absolute)",
+               Method.PROPORTION)
+def _forget_rate(arm, base, _xset, _ctx):
+    a, _ = paired(arm, base, "forget", "is_forget")
+    return _count(a[:, 0])
 
 
-# --- the gates --------------------------------------------------------------------------------
+@register_gate("replacement", Direction.GREATER,
+               "share of 'forget' generations answered fluently in the replacement language",
+               Method.PROPORTION)
+def _replacement(arm, base, _xset, ctx):
+    def replaced(record: dict) -> float:
+        return float(em.fluent_replacement(record, ctx.replacement_lang))
 
-@register_gate("forget_drop", Direction.GREATER,
-               "forget-language rate on 'forget' prompts: baseline minus arm (absolute drop)")
-def _forget_drop(arm, base, _xset):
-    a, b = paired(arm, base, "forget", "is_forget")
-    return _mean(b[:, 0] - a[:, 0])
+    a, _ = paired(arm, base, "forget", replaced)
+    return _count(a[:, 0])
 
 
-@register_gate("forget_drop_rel", Direction.GREATER,
-               "forget-language rate on 'forget' prompts: drop relative to the baseline rate")
-def _forget_drop_rel(arm, base, _xset):
-    a, b = paired(arm, base, "forget", "is_forget")
-    _positive_rate(b[:, 0], "forget rate on set 'forget'")
-    ratio = _ratio_of_means(a[:, 0], b[:, 0])
-    return Comparison(ratio.n, lambda idx: 1.0 - ratio.statistic(idx))
+@register_gate("substitution", Direction.LESS,
+               "share of 'forget' generations in a language other than the forget and the "
+               "replacement language", Method.PROPORTION)
+def _substitution(arm, base, _xset, ctx):
+    forget = arm.data.get("forget_lang")
+    if not forget:
+        raise MissingInput("config data.forget_lang is missing")
+    labels = np.array([em.record_label(arm.samples[k]) for k in _keys(arm, base, "forget")])
+    other = np.array([em.substituted(lb, forget, ctx.replacement_lang) for lb in labels])
+    if len(labels) < 2:
+        raise MissingInput(f"{len(labels)} paired sample(s) on set 'forget'; need >= 2")
+    langs = sorted({em.base_lang(lb) for lb in labels[other]})
+    detail = ", ".join(f"{lang} {sum(em.base_lang(lb) == lang for lb in labels)}"
+                       for lang in langs)
+    return Proportion(int(other.sum()), len(labels), f"into {detail}" if detail else "")
 
+
+@register_gate("degenerate", Direction.LESS,
+               "share of degenerate generations (repetition, no letters) on 'forget' prompts",
+               Method.PROPORTION)
+def _degenerate(arm, base, _xset, _ctx):
+    a, _ = paired(arm, base, "forget", "degenerate")
+    return _count(a[:, 0])
+
+
+@register_gate("xlang_leakage", Direction.LESS,
+               "share of generations in the forget language on each protected language's prompts",
+               Method.PROPORTION, per_xlang=True)
+def _xlang_leakage(arm, base, xset, _ctx):
+    a, _ = paired(arm, base, xlang_set(xset), "is_forget")
+    return _count(a[:, 0])
+
+
+@register_gate("xlang_retention", Direction.GREATER,
+               "own-language rate on each protected language's prompts: arm / baseline",
+               Method.RATIO, per_xlang=True)
+def _xlang_retention(arm, base, xset, _ctx):
+    a, b = paired(arm, base, xlang_set(xset), "is_own")
+    return ProportionRatio(int(a[:, 0].sum()), int(b[:, 0].sum()), len(a))
+
+
+def _family_rate(set_name: str) -> Extractor:
+    def extract(arm, base, _xset, _ctx):
+        a, b = paired(arm, base, set_name, "is_forget")
+        return ProportionRatio(int(a[:, 0].sum()), int(b[:, 0].sum()), len(a))
+
+    return extract
+
+
+for _set in ("romanized", "mixed", "adversarial"):
+    register_gate(f"{_set}_forget", Direction.LESS,
+                  f"forget-language rate on '{_set}' forget prompts: arm / baseline",
+                  Method.RATIO, floor=True)(_family_rate(_set))
+
+
+@register_gate("fluency", Direction.LESS,
+               "base-model NLL of 'forget' continuations: arm minus baseline (nats/token)",
+               Method.BOOTSTRAP)
+def _fluency(arm, base, _xset, _ctx):
+    a, b = paired(arm, base, "forget", "fluency_nll")
+    diff = a[:, 0] - b[:, 0]
+    return Comparison(len(diff), lambda idx: diff[idx].mean(axis=-1))
+
+
+# --- forward-only gates ---------------------------------------------------------------------
 
 @register_gate("retain_ppl_ratio", Direction.LESS,
-               "token-weighted perplexity on 'retain' texts: arm / baseline")
-def _retain_ppl_ratio(arm, base, _xset):
+               "token-weighted perplexity on 'retain' texts: arm / baseline", Method.BOOTSTRAP)
+def _retain_ppl_ratio(arm, base, _xset, _ctx):
     a, b = paired(arm, base, "retain", "nll_sum", "n_tokens", table="ppl")
     if (a[:, 1] <= 0).any() or (b[:, 1] <= 0).any():
         raise MissingInput("ppl.jsonl has records with n_tokens <= 0 on set 'retain'")
@@ -281,98 +396,14 @@ def _retain_ppl_ratio(arm, base, _xset):
     def stat(idx):
         arm_nll = a[idx, 0].sum(axis=-1) / a[idx, 1].sum(axis=-1)
         base_nll = b[idx, 0].sum(axis=-1) / b[idx, 1].sum(axis=-1)
-        return np.exp(arm_nll - base_nll)
+        return em.ppl_ratio(arm_nll, base_nll)
 
     return Comparison(len(a), stat)
 
 
-def _xlang_set(xset: str | None) -> str:
-    if xset is None:
-        raise MissingInput("the baseline has no 'xlang:XX' sets")
-    return xset
-
-
-@register_gate("xlang_leakage", Direction.LESS,
-               "share of generations in the forget language on each protected language's prompts",
-               per_xlang=True)
-def _xlang_leakage(arm, base, xset):
-    a, _ = paired(arm, base, _xlang_set(xset), "is_forget")
-    return _mean(a[:, 0])
-
-
-@register_gate("xlang_retention", Direction.GREATER,
-               "own-language rate on each protected language's prompts: arm / baseline",
-               per_xlang=True)
-def _xlang_retention(arm, base, xset):
-    xset = _xlang_set(xset)
-    a, b = paired(arm, base, xset, "is_own")
-    _positive_rate(b[:, 0], f"own-language rate on set '{xset}'")
-    return _ratio_of_means(a[:, 0], b[:, 0])
-
-
-@register_gate("degenerate", Direction.LESS,
-               "share of degenerate generations (repetition, no letters) on 'forget' prompts")
-def _degenerate(arm, base, _xset):
-    a, _ = paired(arm, base, "forget", "degenerate")
-    return _mean(a[:, 0])
-
-
-@register_gate("fluency", Direction.LESS,
-               "base-model NLL of 'forget' continuations: arm minus baseline (nats/token)")
-def _fluency(arm, base, _xset):
-    a, b = paired(arm, base, "forget", "fluency_nll")
-    return _mean(a[:, 0] - b[:, 0])
-
-
-@register_gate("substitution", Direction.LESS,
-               "share of 'forget' generations in a protected related language (data.protected)")
-def _substitution(arm, base, _xset):
-    protected = arm.data.get("protected")
-    if not protected:
-        raise MissingInput("config data.protected is missing or empty")
-    langs = {base_lang(code) for code in protected} - {arm.data.get("forget_lang")}
-
-    def is_protected(record: dict) -> float | None:
-        lang = record.get("lang")
-        return None if lang is None else float(base_lang(lang) in langs)
-
-    a, _ = paired(arm, base, "forget", is_protected)
-    return _mean(a[:, 0])
-
-
-def _forget_rate_on(set_name: str) -> Extractor:
-    def extract(arm, base, _xset):
-        a, _ = paired(arm, base, set_name, "is_forget")
-        return _mean(a[:, 0])
-
-    return extract
-
-
-for _set in ("romanized", "mixed", "adversarial"):
-    register_gate(f"{_set}_forget", Direction.LESS,
-                  f"forget-language rate on '{_set}' forget prompts")(_forget_rate_on(_set))
-
-
-@register_gate("mia_auc", Direction.WITHIN,
-               "membership-inference ROC AUC (score: -loss) on mia.jsonl; near 0.5 = forgotten")
-def _mia_auc(arm, _base, _xset):
-    if arm.mia is None:
-        raise MissingInput("arm artifact has no mia.jsonl")
-    rows = [(r.get("loss"), r.get("member")) for r in arm.mia]
-    rows = [r for r in rows if None not in r]
-    data = np.array(rows, dtype=np.float64).reshape(-1, 2)
-    if not np.isfinite(data).all():
-        raise MissingInput("NaN/inf loss in mia.jsonl")
-    members = int(data[:, 1].sum())
-    if min(members, len(data) - members) < 2:
-        raise MissingInput(f"mia.jsonl needs >= 2 members and >= 2 non-members, got {members} "
-                           f"and {len(data) - members}")
-    return Comparison(len(data), auc_statistic(-data[:, 0], data[:, 1]))
-
-
 @register_gate("probe_auc", Direction.WITHIN,
-               "language-probe ROC AUC from the eval metrics (one value per seed)", scope="seed")
-def _probe_auc(arm, _base, _xset) -> float:
+               "language-probe ROC AUC from the eval metrics (one value per seed)", Method.SEED)
+def _probe_auc(arm, _base, _xset, _ctx) -> float:
     entry = arm.metrics.get("probe_auc")
     entry = entry if isinstance(entry, Mapping) else {}
     value = entry.get("value")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-PASS, FAIL, REPORT = "PASS", "FAIL", "REPORT"
+PASS, FAIL, REPORT, NOT_INFORMATIVE = "PASS", "FAIL", "REPORT", "NOT INFORMATIVE"
 
 
 def _num(value: float | None) -> str:
@@ -22,30 +22,36 @@ def threshold_text(gate: dict) -> str:
 def _gate_row(g: dict) -> str:
     ci = g["ci"]
     cells = [g["arm"], g["gate"], _num(g["estimate"]),
-             "-" if ci is None else f"[{ci['low']:.4g}, {ci['high']:.4g}] ({g['level']})",
-             threshold_text(g), _num(g["p_raw"]), _num(g["p_adj"]), f"**{g['decision']}**",
+             "-" if ci is None else f"[{ci['low']:.4g}, {ci['high']:.4g}]",
+             threshold_text(g), "-" if g["n"] is None else str(g["n"]), _num(g["min_n"]),
+             _num(g["p_raw"]), _num(g["q"]), f"**{g['decision']}**",
              g["reason"].replace("|", "/")]
     return "| " + " | ".join(cells) + " |"
 
 
+def _arm_row(arm: str, v: dict) -> str:
+    return (f"| {arm} | **{v['decision']}** | {', '.join(map(str, v['seeds']))} | "
+            f"{v['passed']}/{v['n']} | {', '.join(v['failed']) or '-'} | "
+            f"{', '.join(v['insufficient']) or '-'} | {', '.join(v['not_informative']) or '-'} |")
+
+
 def markdown(report: dict) -> str:
-    """gate.md: arm decisions, then one row per gate x arm."""
-    s, fdr = report["settings"], report["fdr"]
+    """gate.md: the rule, arm decisions, then one row per gate x arm."""
+    s = report["settings"]
     lines = ["# mmie gate", "",
-             f"alpha {s['alpha']} (BH over {fdr['family_size']} tests), {s['n_boot']} "
-             f"bootstrap resamples ({s['ci_method']}), seed {s['seed']}.", "",
-             "| Arm | Decision | Seeds | Interval level | Failed gates |", "|---|---|---|---|---|"]
-    lines += [f"| {arm} | **{v['decision']}** | {', '.join(map(str, v['seeds']))} | "
-              f"{v['level']} | {', '.join(v['failed']) or '-'} |"
-              for arm, v in report["arms"].items()]
-    lines += ["", "| Arm | Gate | Estimate | CI | Threshold | p | p (BH) | Decision | Reason |",
-              "|---|---|---|---|---|---|---|---|---|", *map(_gate_row, report["gates"])]
-    if fdr["excluded"]:
-        lines += ["", "Excluded from the FDR family:", *[f"- {e}" for e in fdr["excluded"]]]
+             f"alpha {s['alpha']}, {s['n_boot']} bootstrap resamples (BCa), seed {s['seed']}, "
+             f"replacement language {s['replacement_lang']}.", "", report["rule"], "",
+             "| Arm | Decision | Seeds | Decisive gates passed | Failed | Insufficient evidence "
+             "| Not informative (not decisive) |", "|---|---|---|---|---|---|---|"]
+    lines += [_arm_row(arm, v) for arm, v in report["arms"].items()]
+    lines += ["", "| Arm | Gate | Estimate | Interval (1-2 alpha) | Threshold | n | min n | p | "
+              "q (BH, this arm) | Decision | Reason |",
+              "|---|---|---|---|---|---|---|---|---|---|---|", *map(_gate_row, report["gates"])]
     return "\n".join(lines) + "\n"
 
 
-_COLORS = {PASS: "tab:green", FAIL: "tab:red", REPORT: "tab:gray"}
+_COLORS = {PASS: "tab:green", FAIL: "tab:red", REPORT: "tab:gray",
+           NOT_INFORMATIVE: "tab:gray"}
 
 
 def _forest_panel(ax, rows: list[dict], arms: list[str]) -> None:
@@ -68,7 +74,8 @@ def _forest_panel(ax, rows: list[dict], arms: list[str]) -> None:
 
 
 def forest_png(report: dict) -> bytes:
-    """forest.png: one panel per gate, one row per arm; green PASS, red FAIL, grey REPORT."""
+    """forest.png: one panel per gate, one row per arm; green PASS, red FAIL, grey REPORT and
+    NOT INFORMATIVE."""
     # Figure + Agg canvas directly, not pyplot: no global state, no GUI backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

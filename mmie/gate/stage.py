@@ -1,20 +1,10 @@
-"""`mmie gate`: bootstrap intervals, BH-FDR and a PROCEED/STOP decision per unlearning arm.
+"""`mmie gate`: one-sided bounds per gate and seed, and a PROCEED/STOP verdict per arm.
 
-For every gate (see :mod:`mmie.gate.metrics`) and arm:
-
-* per seed, the gate's statistic on samples paired with the baseline by ``(set, idx)``, with a
-  BCa interval over samples (sample level);
-* with >= 2 seeds, a BCa interval over the per-seed estimates (seed level), the replication
-  unit. A bootstrap over 2-3 seed estimates ignores the sampling noise within each seed, so a
-  PASS also needs every seed's sample-level interval on the passing side, and the p-value is
-  the largest of theirs (an intersection-union test). With one seed the sample-level interval
-  decides, and the report says so;
-* one-sided bootstrap p-values (:mod:`mmie.core.stats`).
-
-BH then adjusts the p-values of the whole family of computable, gating gates x arms. A gate
-PASSES when its (1 - alpha) interval lies on the passing side of the threshold and its
-adjusted p < alpha; an arm PROCEEDs only when every gate passes. A gate that cannot be
-computed FAILs with its reason and stays out of the FDR family (gate.json lists it).
+The decision rule is in :mod:`mmie.gate.decision` (an intersection-union test over gates and
+seeds, each gate at level alpha; TOST for bands), the bounds in :mod:`mmie.core.bounds` (exact
+Clopper-Pearson for proportions, BCa otherwise), the gates in :mod:`mmie.gate.metrics`.
+docs/gates.md explains them for a reader. This module holds the thresholds (shipped
+``gates.toml`` plus a user file), the config, and the stage that writes the ``gate`` artifact.
 """
 
 from __future__ import annotations
@@ -22,30 +12,34 @@ from __future__ import annotations
 import json
 import math
 import sys
-import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmie import gate_forward  # noqa: F401  (registers the forward-only gates)
 from mmie.core import provenance
 from mmie.core.artifacts import Artifact, save
-from mmie.core.errors import MetricError
 from mmie.core.progress import SILENT, Progress
-from mmie.core.stats import (
-    CI,
-    Alternative,
-    Bootstrap,
-    CIMethod,
-    bh_adjust,
-    bootstrap_statistic,
-    seed_level_bootstrap,
+from mmie.gate.decision import (  # noqa: F401  (re-exported: the stage's public names)
+    FAIL,
+    NOT_INFORMATIVE,
+    PASS,
+    PROCEED,
+    REPORT,
+    STOP,
+    GateResult,
+    Settings,
+    discoveries,
+    judge,
+    min_n,
+    verdicts,
 )
 from mmie.gate.metrics import (
     GATES,
     Direction,
     EvalRecords,
-    GateSpec,
+    GateContext,
     check_inputs,
     group_evals,
     instances,
@@ -58,8 +52,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PASS, FAIL, REPORT = "PASS", "FAIL", "REPORT"
-PROCEED, STOP = "PROCEED", "STOP"
 SHIPPED_RULES = Path(__file__).with_name("gates.toml")
 
 
@@ -71,19 +63,22 @@ class Rule:
 
     threshold: a number for 'greater'/'less' gates, ``(low, high)`` for 'within' gates.
     enabled: False leaves the gate out entirely.
-    report_only: computed and shown, but outside the FDR family and the PROCEED decision.
+    report_only: computed and shown, but not part of the PROCEED decision.
+    floor: for prompt-family gates, the baseline rate below which the gate is not informative.
     """
 
     threshold: float | tuple[float, float]
     enabled: bool = True
     report_only: bool = False
+    floor: float | None = None
 
     def to_dict(self) -> dict:
         value = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold
-        return {"threshold": value, "enabled": self.enabled, "report_only": self.report_only}
+        out = {"threshold": value, "enabled": self.enabled, "report_only": self.report_only}
+        return out if self.floor is None else {**out, "floor": self.floor}
 
 
-RULE_KEYS = frozenset({"threshold", "enabled", "report_only"})
+RULE_KEYS = frozenset({"threshold", "enabled", "report_only", "floor"})
 
 
 def _threshold(name: str, direction: Direction, value: Any) -> float | tuple[float, float]:
@@ -113,7 +108,18 @@ def _rule(name: str, entry: Any, base: Rule | None, source: str) -> Rule:
         if not isinstance(merged.get(flag, False), bool):
             raise ValueError(f"{source}: gate '{name}': {flag} must be true or false")
     threshold = _threshold(name, GATES[name].direction, merged["threshold"])
-    return Rule(threshold, merged.get("enabled", True), merged.get("report_only", False))
+    return Rule(threshold, merged.get("enabled", True), merged.get("report_only", False),
+                _floor(name, merged.get("floor"), source))
+
+
+def _floor(name: str, value: Any, source: str) -> float | None:
+    if value is None:
+        return None
+    if not GATES[name].floor:
+        raise ValueError(f"{source}: gate '{name}' takes no floor (only prompt-family gates)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{source}: gate '{name}': floor must be a number in [0, 1)")
+    return float(value)
 
 
 def parse_rules(table: Mapping[str, Any], source: str,
@@ -149,11 +155,12 @@ def default_rules() -> dict[str, Rule]:
 class GateConfig:
     """Settings of a gate run.
 
-    alpha: FDR level of the BH correction; intervals are two-sided (1 - alpha).
-    n_boot: bootstrap resamples per interval (>= 100).
+    alpha: level of each one-sided test (bands: TOST, a (1 - 2 alpha) interval); an arm
+        PROCEEDs only when every decisive gate passes, so its error rate is at most alpha too.
+    n_boot: bootstrap resamples per BCa interval (>= 100).
     seed: base seed; each interval derives its own from it and the gate/arm/seed names, so
         adding a gate or an arm leaves the other numbers unchanged.
-    ci_method: bootstrap interval method (BCa by default).
+    replacement_lang: the language a forget prompt should be answered in instead.
     rules: threshold per registered gate (shipped gates.toml, overridden by a user file).
     rules_file: the user TOML the rules came from, if any (recorded in the artifact).
     """
@@ -161,16 +168,18 @@ class GateConfig:
     alpha: float = 0.05
     n_boot: int = 10000
     seed: int = 0
-    ci_method: CIMethod = CIMethod.BCA
+    replacement_lang: str = "en"
     rules: Mapping[str, Rule] = field(default_factory=default_rules)
     rules_file: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
         if self.n_boot < 100:
             raise ValueError(f"n_boot must be >= 100, got {self.n_boot}")
-        object.__setattr__(self, "ci_method", CIMethod(self.ci_method))
+        if not self.replacement_lang or "-" in self.replacement_lang:
+            raise ValueError("replacement_lang must be a bare language code like 'en', got "
+                             f"{self.replacement_lang!r}")
         if unknown := sorted(set(self.rules) - set(GATES)):
             raise ValueError(f"unknown gate(s): {', '.join(unknown)}")
         if missing := sorted(set(GATES) - set(self.rules)):
@@ -186,166 +195,13 @@ class GateConfig:
             rules = parse_rules(read_toml(Path(path)), str(path), base=rules)
         return cls(rules=rules, rules_file=None if path is None else str(path), **settings)
 
+    def settings(self) -> Settings:
+        return Settings(self.alpha, self.n_boot, self.seed, GateContext(self.replacement_lang))
+
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "n_boot": self.n_boot, "seed": self.seed,
-                "ci_method": self.ci_method.value, "rules_file": self.rules_file,
+                "replacement_lang": self.replacement_lang, "rules_file": self.rules_file,
                 "rules": {name: rule.to_dict() for name, rule in sorted(self.rules.items())}}
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """One gate for one arm. ``level`` is 'seed' or 'sample': which interval decided."""
-
-    gate: str
-    arm: str
-    direction: str
-    threshold: float | tuple[float, float]
-    report_only: bool
-    level: str = ""
-    estimate: float | None = None
-    ci: CI | None = None
-    per_seed: dict = field(default_factory=dict)
-    p_raw: float | None = None
-    p_adj: float | None = None
-    decision: str = FAIL
-    reason: str = ""
-
-    @property
-    def in_family(self) -> bool:
-        return self.p_raw is not None and not self.report_only
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "in_fdr_family": self.in_family}
-
-
-# --- statistics -------------------------------------------------------------------------------
-
-def _seed(config: GateConfig, *parts: object) -> int:
-    # crc32, not hash(): Python salts str hashes per process, which would break determinism.
-    return zlib.crc32("\x1f".join(map(str, (config.seed, *parts))).encode())
-
-
-def _pvalue(direction: Direction, threshold, boot: Bootstrap) -> float:
-    if direction is Direction.GREATER:
-        return boot.pvalue(threshold, Alternative.GREATER)
-    if direction is Direction.LESS:
-        return boot.pvalue(threshold, Alternative.LESS)
-    # A band is two one-sided tests (TOST); the larger p-value is the band's p-value.
-    return max(boot.pvalue(threshold[0], Alternative.GREATER),
-               boot.pvalue(threshold[1], Alternative.LESS))
-
-
-def _ci_side(direction: Direction, threshold, ci: CI) -> tuple[bool, str]:
-    interval = f"CI [{ci.low:.4g}, {ci.high:.4g}]"
-    if direction is Direction.GREATER:
-        ok = ci.low > threshold
-        return ok, f"{interval} {'above' if ok else 'not above'} {threshold:.4g}"
-    if direction is Direction.LESS:
-        ok = ci.high < threshold
-        return ok, f"{interval} {'below' if ok else 'not below'} {threshold:.4g}"
-    ok = threshold[0] < ci.low and ci.high < threshold[1]
-    band = f"[{threshold[0]:.4g}, {threshold[1]:.4g}]"
-    return ok, f"{interval} {'inside' if ok else 'not inside'} {band}"
-
-
-def _per_seed(config: GateConfig, spec: GateSpec, res: GateResult, xset: str | None,
-              seeds: Mapping[int, EvalRecords], base: EvalRecords):
-    """Per-seed estimates, sample-level bootstraps (sample-scope gates) and what to show."""
-    values, boots, shown = {}, {}, {}
-    for s, rec in seeds.items():
-        try:
-            found = spec.extract(rec, base, xset)
-            if spec.scope == "seed":
-                values[s], shown[s] = found, {"estimate": found}
-                continue
-            boots[s] = bootstrap_statistic(found.n, found.statistic, config.n_boot, config.alpha,
-                                           _seed(config, res.gate, res.arm, s), config.ci_method)
-        except MetricError as exc:
-            raise MetricError(f"seed {s}: {exc}") from exc
-        values[s], shown[s] = boots[s].ci.estimate, {**boots[s].ci.to_dict(), "n": found.n}
-    return values, boots, shown
-
-
-def _measure(config: GateConfig, spec: GateSpec, res: GateResult, xset: str | None,
-             seeds: Mapping[int, EvalRecords], base: EvalRecords) -> GateResult:
-    values, boots, shown = _per_seed(config, spec, res, xset, seeds, base)
-    res = replace(res, per_seed=shown)
-    if len(values) >= 2:
-        boot = seed_level_bootstrap(values, config.n_boot, config.alpha,
-                                    _seed(config, res.gate, res.arm, "seeds"), config.ci_method)
-        level = "seed"
-    elif boots:
-        boot, level = next(iter(boots.values())), "sample"
-    else:
-        return replace(res, level="seed", estimate=next(iter(values.values())),
-                       reason="one seed: a per-seed metric has no interval")
-    # Intersection-union test: the claim needs the seed level and every seed to pass, so its
-    # p-value is the largest of theirs (valid at level alpha without a further correction).
-    p_raw = max(_pvalue(spec.direction, res.threshold, b) for b in [boot, *boots.values()])
-    return replace(res, level=level, estimate=boot.ci.estimate, ci=boot.ci, p_raw=p_raw)
-
-
-def judge(config: GateConfig, spec: GateSpec, name: str, xset: str | None, arm: str,
-          seeds: Mapping[int, EvalRecords], base: EvalRecords) -> GateResult:
-    """Estimate, interval and raw p-value of one gate for one arm (decision comes later)."""
-    rule = config.rules[spec.name]
-    res = GateResult(name, arm, spec.direction.value, rule.threshold, rule.report_only)
-    try:
-        return _measure(config, spec, res, xset, seeds, base)
-    except MetricError as exc:
-        return replace(res, reason=f"not computable: {exc}")
-
-
-def decide(results: Sequence[GateResult], alpha: float) -> list[GateResult]:
-    """BH over the computable gating results, then PASS/FAIL/REPORT with the reason."""
-    family = [i for i, r in enumerate(results) if r.in_family]
-    adjusted = bh_adjust([results[i].p_raw for i in family])
-    out = list(results)
-    for i, p_adj in zip(family, adjusted, strict=True):
-        out[i] = replace(out[i], p_adj=float(p_adj))
-    return [_decision(r, alpha) for r in out]
-
-
-def _sides(res: GateResult) -> tuple[bool, str]:
-    """The deciding interval, and at seed level also every seed's sample-level interval.
-
-    A bootstrap over 2-3 seed estimates sees none of the sampling noise within a seed and can
-    be narrower than any single seed's interval; requiring each seed to pass too keeps a PASS
-    from resting on that artefact.
-    """
-    direction = Direction(res.direction)
-    ok, text = _ci_side(direction, res.threshold, res.ci)
-    if res.level == "sample":
-        return ok, f"{text} (single seed: sample-level interval)"
-    seeds = {s: CI(v["estimate"], v["low"], v["high"], v["method"])
-             for s, v in res.per_seed.items() if "low" in v}
-    bad = [str(s) for s, ci in seeds.items() if not _ci_side(direction, res.threshold, ci)[0]]
-    if bad:
-        return False, f"{text}; sample-level CI of seed {', '.join(bad)} fails"
-    return ok, text + ("; every seed's sample-level CI passes" if seeds else "")
-
-
-def _decision(res: GateResult, alpha: float) -> GateResult:
-    if res.ci is None:
-        return replace(res, decision=REPORT if res.report_only else FAIL,
-                       reason=res.reason + ("" if res.report_only else "; excluded from FDR"))
-    side_ok, side = _sides(res)
-    if res.report_only:
-        return replace(res, decision=REPORT, reason=f"reported only; {side}")
-    p_ok = res.p_adj < alpha
-    reason = f"{side}; adjusted p {res.p_adj:.3g} {'<' if p_ok else '>='} {alpha:g}"
-    return replace(res, decision=PASS if side_ok and p_ok else FAIL, reason=reason)
-
-
-def verdicts(results: Sequence[GateResult]) -> dict[str, dict]:
-    """Per arm: PROCEED only if every gating result passed."""
-    out: dict[str, dict] = {}
-    for arm in sorted({r.arm for r in results}):
-        gating = [r for r in results if r.arm == arm and not r.report_only]
-        failed = [r.gate for r in gating if r.decision != PASS]
-        out[arm] = {"value": 0.0 if failed else 1.0, "decision": STOP if failed else PROCEED,
-                    "n": len(gating), "passed": len(gating) - len(failed), "failed": failed}
-    return out
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -356,24 +212,37 @@ def evaluate_gates(config: GateConfig, base: EvalRecords,
     plan = [(spec, name, xset) for spec in GATES.values() if config.rules[spec.name].enabled
             for name, xset in instances(spec, base)]
     jobs = [(arm, item) for arm in arms for item in plan]
-    results = [judge(config, spec, name, xset, arm, arms[arm], base)
+    settings = config.settings()
+    results = [judge(settings, spec, config.rules[spec.name], name, xset, arm, arms[arm], base)
                for arm, (spec, name, xset) in progress.track(jobs, len(jobs), "gates")]
-    return decide(results, config.alpha)
+    return discoveries(results)
+
+
+RULE_TEXT = (
+    "PROCEED only when every decisive gate passes (an intersection-union test: each gate a "
+    "one-sided test at level alpha, bands by TOST at 1 - 2 alpha, and with several seeds every "
+    "seed must pass). Proportions: exact Clopper-Pearson bounds; ratios of proportions: "
+    "Bonferroni-split Clopper-Pearson; other statistics: BCa bootstrap. A gate below its "
+    "min_n, or with a zero-width interval, FAILs as insufficient evidence. q is the "
+    "Benjamini-Hochberg adjusted p within one arm, shown for discoveries, never the verdict.")
+
+
+def min_n_table(config: GateConfig) -> dict[str, int | None]:
+    """Smallest passable sample size of every enabled gate at the configured alpha."""
+    return {name: min_n(spec.method, spec.direction, config.rules[name].threshold,
+                        config.alpha)
+            for name, spec in GATES.items() if config.rules[name].enabled}
 
 
 def _report(config: GateConfig, base: EvalRecords, arms, results, summary) -> dict:
-    excluded = [f"{r.gate}@{r.arm}: {r.reason}" for r in results
-                if not r.in_family and not r.report_only]
     return {
         "settings": config.to_dict(),
         "baseline": {"path": base.path, "arm": base.arm, "seed": base.seed},
         "arms": {arm: {**summary[arm], "seeds": sorted(seeds),
-                       "level": "seed" if len(seeds) >= 2 else "sample"}
+                       "level": "every seed" if len(seeds) >= 2 else "sample"}
                  for arm, seeds in arms.items()},
-        "fdr": {"method": "fdr_bh", "family_size": sum(r.in_family for r in results),
-                "excluded": excluded},
-        "pvalue": "one-sided shifted-null bootstrap (mmie.core.stats); with >= 2 seeds the largest "
-                  "of the seed-level and every seed's sample-level p (intersection-union)",
+        "rule": RULE_TEXT,
+        "min_n": min_n_table(config),
         "gates": [r.to_dict() for r in results],
     }
 
@@ -387,7 +256,7 @@ def run(config: GateConfig, baseline: Path, evals: Sequence[Path], out: Path,
     base, arms = read_eval(Path(baseline)), group_evals(evals)
     check_inputs(base, arms)
     results = evaluate_gates(config, base, arms, progress)
-    summary = verdicts(results)
+    summary = verdicts(results, config.alpha)
     report = _report(config, base, arms, results, summary)
     files = {"gate.json": json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n",
              "gate.md": markdown(report), "forest.png": forest_png(report)}
