@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mmie.core.errors import MetricError
-from mmie.evaluate import metrics as em
-from mmie.evaluate.fluency import FluencyReference, is_fluent, reference
 from mmie.lid.detect import degeneracy, detect
+from mmie.metrics import definitions as em
+from mmie.metrics.fluency import FluencyReference, is_fluent, reference
 
 
 def _lid(lang, script="Latn", confidence=0.9):

@@ -289,7 +289,7 @@ def test_cli_gate(evals, tmp_path):
 
 
 def test_one_definition_of_substitution_replacement_and_ppl_ratio():
-    from mmie.evaluate import metrics as em
+    from mmie.metrics import definitions as em
 
     labels = ["en", "en-Latn", "hi", "hi-Latn", "ur-Latn", "zh", "degenerate", "und"]
     assert [em.substituted(lb, "hi", "en") for lb in labels] == [

@@ -16,7 +16,7 @@ from mmie.core.artifacts import sha256_file
 from mmie.core.data import filter_texts, read_texts, split_prompt
 from mmie.core.generation import GenerationSettings
 from mmie.core.models import ModelSpec
-from mmie.evaluate.metrics import ROMAN_SUFFIX
+from mmie.metrics.definitions import ROMAN_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class EvalConfig:
     max_length: tokens per text for perplexity, MIA and probe texts.
     mink_k: share of lowest-scoring tokens averaged by Min-K%++.
     fluency_tolerance: nats per token above the retain reference's median fluency NLL that a
-        continuation may score and still be ``fluent`` (:mod:`mmie.evaluate.fluency`).
+        continuation may score and still be ``fluent`` (:mod:`mmie.metrics.fluency`).
     field: JSON field or column holding the text.
     strict: a metric that cannot be computed is an error instead of a recorded gap.
     """
@@ -124,7 +124,7 @@ class EvalConfig:
         return any(x is not None for x in (self.adapter, self.sae, self.scrub))
 
     def generation(self) -> GenerationSettings:
-        # fluency is scored without the prompt (mmie.evaluate.fluency), so the log-probs recorded
+        # fluency is scored without the prompt (mmie.metrics.fluency), so the log-probs recorded
         # while generating are not it: none are recorded
         return GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                   temperature=self.temperature, top_p=self.top_p, seed=self.seed,

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 
 from mmie.core.data import read_texts, split_prompt
 from mmie.evaluate.config import EXTRA_SETS, EvalConfig, PromptSet
-from mmie.evaluate.metrics import Metric, mean
 from mmie.lid.mass import LangData, MassScores, TokenSet, continuation_start
+from mmie.metrics.definitions import Metric, mean
 
 KINDS = ("forget", "own", "replacement")
 

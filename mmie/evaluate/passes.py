@@ -6,7 +6,7 @@ forget-train texts scored against held-out forget texts (membership inference) a
 activations pooled for the language probe, and the held-out continuation of every prompt fed
 teacher-forced once for the language-mass measure (:mod:`mmie.evaluate.mass`); then the
 interventions are detached and every continuation is scored by the base model after BOS alone
-(fluency, :mod:`mmie.evaluate.fluency`); then the model is released.
+(fluency, :mod:`mmie.metrics.fluency`); then the model is released.
 
 Under a launcher every pass shares its length-sorted batches among the processes and gathers
 the per-sample results (:mod:`mmie.core.sharded`), so every process ends with the same
@@ -31,9 +31,9 @@ from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
 from mmie.evaluate.config import EvalConfig, PromptSet
-from mmie.evaluate.fluency import fluency_items
 from mmie.evaluate.mass import mass_items, mass_rows, scored_sets, set_langs
 from mmie.lid.mass import LangData, MassScores, TokenSet, build_token_sets, mass_scores
+from mmie.metrics.fluency import fluency_items
 
 
 @dataclass

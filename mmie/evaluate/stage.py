@@ -22,7 +22,6 @@ from mmie.core import provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.distributed import ensure_group, main_writes
 from mmie.core.progress import SILENT, Progress
-from mmie.evaluate import metrics as em
 from mmie.evaluate.config import (  # noqa: F401  (re-exported: the stage's public names)
     EXTRA_SETS,
     EvalConfig,
@@ -32,10 +31,11 @@ from mmie.evaluate.config import (  # noqa: F401  (re-exported: the stage's publ
     read_mia_texts,
     read_sets,
 )
-from mmie.evaluate.fluency import FluencyReference, reference
 from mmie.evaluate.mass import mass_langs, mass_metrics
 from mmie.evaluate.passes import Measured, measure
 from mmie.lid.detect import degeneracy, detect
+from mmie.metrics import definitions as em
+from mmie.metrics.fluency import FluencyReference, reference
 
 # --- arms and parent artifacts ----------------------------------------------------------------
 
@@ -71,7 +71,7 @@ class Records:
 
     samples / degeneracies: per prompt set. ppl: ppl.jsonl rows. mia: mia.jsonl rows, or
     None when no forget-train texts were given. mass: mass.jsonl rows (:mod:`mmie.evaluate.mass`).
-    fluency: the reference ``fluent`` was judged against (:mod:`mmie.evaluate.fluency`).
+    fluency: the reference ``fluent`` was judged against (:mod:`mmie.metrics.fluency`).
     """
 
     samples: dict[str, list[dict]]
@@ -90,7 +90,7 @@ class Records:
 def fluency_reference(c: EvalConfig, samples: dict[str, list[dict]],
                       baseline: Artifact | None) -> FluencyReference:
     """The base model's retain continuations: the baseline's when it has them under this
-    definition, else this run's (see :mod:`mmie.evaluate.fluency`); degenerate ones left out."""
+    definition, else this run's (see :mod:`mmie.metrics.fluency`); degenerate ones left out."""
     rows, source = samples["retain"], "this run's retain continuations"
     if baseline is not None and baseline.config.get("data", {}).get("fluency") == "unconditional":
         rows = [r for r in baseline.read_jsonl("samples.jsonl") if r["set"] == "retain"]

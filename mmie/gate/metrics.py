@@ -13,7 +13,7 @@ A gate whose inputs are absent, null everywhere or non-finite raises :class:`Mis
 with the reason. Adding a gate is one registered extractor here plus its threshold in
 ``mmie/gates.toml`` (the forward-only gates on mass.jsonl and mia.jsonl register themselves
 in :mod:`mmie.gate.forward`). Substitution and the perplexity ratio are defined once, in
-:mod:`mmie.evaluate.metrics`, and used by both `evaluate` and the gates.
+:mod:`mmie.metrics.definitions`, and used by both `evaluate` and the gates.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 from mmie.core.artifacts import Artifact, load
 from mmie.core.errors import ArtifactError, MetricError
-from mmie.evaluate import metrics as em
+from mmie.metrics import definitions as em
 
 Key = tuple[str, int]
 Getter = Callable[[dict], Any]

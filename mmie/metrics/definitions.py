@@ -85,8 +85,8 @@ def sample_record(set_name: str, idx: int, prompt: str, generation: str, lid, ju
 
 
 def mark_fluent(records: Iterable[dict], ref) -> None:
-    """Add ``fluent`` (:func:`mmie.evaluate.fluency.is_fluent` against ``ref``) to each record."""
-    from mmie.evaluate.fluency import is_fluent
+    """Add ``fluent`` (:func:`mmie.metrics.fluency.is_fluent` against ``ref``) to each record."""
+    from mmie.metrics.fluency import is_fluent
 
     for r in records:
         r["fluent"] = int(is_fluent(r["fluency_nll"], bool(r["degenerate"]), ref))
