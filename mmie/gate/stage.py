@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmie import gate_forward  # noqa: F401  (registers the forward-only gates)
 from mmie.core import provenance
 from mmie.core.artifacts import Artifact, save
 from mmie.core.progress import SILENT, Progress
+from mmie.gate import forward  # noqa: F401  (registers the forward-only gates)
 from mmie.gate.decision import (  # noqa: F401  (re-exported: the stage's public names)
     FAIL,
     NOT_INFORMATIVE,
