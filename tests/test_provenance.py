@@ -34,8 +34,10 @@ from mmie.gate.stage import run as gate
 from mmie.unlearn.stage import UnlearnConfig, checkpoint_dir
 from mmie.unlearn.stage import run as unlearn
 from tests.conftest import EN, HI, write_jsonl
+from tests.gate_synth import BASE as BASELINE
 from tests.helpers import StopAfter
-from tests.test_gate import BASELINE, WORKING, make_eval
+from tests.test_gate import WORKING
+from tests.test_gate import _write as make_eval
 
 runner = CliRunner()
 LLAMA = ModelSpec(name="tiny:llama", device="cpu")
