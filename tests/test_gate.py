@@ -112,7 +112,9 @@ def test_three_prompts_per_set_perfect_arm_stops_with_insufficient_evidence(tmp_
 
 def test_base_model_against_itself_stops(evals, tmp_path):
     base = evals["baseline"]
-    report = _gate_json(run(_config(), base, [base], tmp_path / "g"))
+    # the base model evaluated again (same records, its own run): a byte copy would be refused
+    again = write(tmp_path, "base-again", "base", 1, BASE, SIZES, _rng("base"))
+    report = _gate_json(run(_config(), base, [again], tmp_path / "g"))
     verdict = report["arms"]["base"]
     assert verdict["decision"] == STOP
     by_gate = {g["gate"]: g for g in report["gates"]}
@@ -128,7 +130,8 @@ def test_base_model_against_itself_stops(evals, tmp_path):
 def test_base_model_against_itself_at_small_n_passes_nothing(tmp_path):
     small = Sizes(forget=16, xlang=16, family=16, retain=16, members=16, nonmembers=16)
     base = _write(tmp_path, "base", "base", 0, BASE, small)
-    report = _gate_json(run(_config(), base, [base], tmp_path / "g"))
+    again = write(tmp_path, "base-again", "base", 1, BASE, small, _rng("base"))
+    report = _gate_json(run(_config(), base, [again], tmp_path / "g"))
     assert report["arms"]["base"]["decision"] == STOP
     assert all(g["decision"] != PASS for g in report["gates"]), [
         (g["gate"], g["reason"]) for g in report["gates"] if g["decision"] == PASS]
