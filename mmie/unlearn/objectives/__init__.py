@@ -44,6 +44,7 @@ from mmie.unlearn.objectives.dpo import Dpo
 from mmie.unlearn.objectives.ga import GradientAscent
 from mmie.unlearn.objectives.graddiff import GradDiff
 from mmie.unlearn.objectives.npo import Npo
+from mmie.unlearn.objectives.redirect import Redirect
 from mmie.unlearn.objectives.retain import (
     KlRetain,
     NllRetain,
@@ -54,11 +55,10 @@ from mmie.unlearn.objectives.retain import (
     register_retain_loss,
     retain_loss_names,
 )
-from mmie.unlearn.objectives.redirect import Redirect
 from mmie.unlearn.objectives.rmu import Rmu
 from mmie.unlearn.objectives.simnpo import SimNpo
 
 __all__ = ["UNITS", "Dpo", "GradDiff", "GradientAscent", "KlRetain", "Needs", "NllRetain", "Npo",
-           "Objective", "ObjectiveInputs", "Redirect", "RetainInputs", "RetainLoss", "Rmu", "SimNpo",
-           "_subsample", "get_objective", "get_retain_loss", "objective_names",
+           "Objective", "ObjectiveInputs", "Redirect", "RetainInputs", "RetainLoss", "Rmu",
+           "SimNpo", "_subsample", "get_objective", "get_retain_loss", "objective_names",
            "register_objective", "register_retain_loss", "retain_loss_names"]
