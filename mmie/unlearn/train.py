@@ -139,9 +139,8 @@ class StepLoss(nn.Module):
 class Trainer:
     """Computes and applies one training step; everything it needs is prepared up front.
 
-    ``schedule`` is this process's share (:meth:`Schedule.local`). ``pairs`` holds where each
-    forget row's scored tokens start and its alternative row (:mod:`mmie.unlearn.pairs`), for
-    objectives that need them; None: whole forget texts, no alternatives.
+    ``schedule`` is this process's share (:meth:`Schedule.local`); ``pairs``: scored spans and
+    alternative rows of the forget rows (:mod:`mmie.unlearn.pairs`; None: whole texts).
     """
 
     def __init__(self, lm: LoadedModel, adapter: Adapter, plan: Plan, forget: list[list[int]],
@@ -226,9 +225,8 @@ class Trainer:
         out = self._run(s.alternative, hidden=True, layer=None)
         got = dict(zip(("alt_logp", "alt_n_tokens"), self._logprobs(out, s.alternative)))
         if self.plan.objective.needs.reference_alternative:
-            got["ref_alt_logp"] = torch.tensor(
-                [self.refs.alternative_logp[i] for i in s.forget_rows],
-                device=got["alt_logp"].device)
+            ref = [self.refs.alternative_logp[i] for i in s.forget_rows]
+            got["ref_alt_logp"] = torch.tensor(ref, device=got["alt_logp"].device)
         return got
 
     def _needs_retain(self) -> bool:
@@ -367,6 +365,8 @@ def _fmt(values: dict[str, float]) -> str:
 
 # --- the loop ---------------------------------------------------------------------------------
 
+SHOWN = ("loss", "forget", "retain", "gate", "forget_nll", "alternative_nll")  # on the bar
+
 @dataclass(frozen=True)
 class Loop:
     steps: int
@@ -397,7 +397,5 @@ def train(trainer: Trainer, loop: Loop, resume: bool, progress) -> tuple[list[di
             if loop.main and loop.checkpoint_every and done % loop.checkpoint_every == 0 \
                     and done < loop.steps:
                 save_checkpoint(ckpt, trainer, curve, loop.identity)
-            task.advance(**{k: record[k] for k in ("loss", "forget", "retain", "gate",
-                                                   "forget_nll", "alternative_nll")
-                            if k in record})
+            task.advance(**{k: record[k] for k in SHOWN if k in record})
     return curve, resumed
