@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from mmie.core import losses
-from mmie.core.artifacts import load
+from mmie.core.artifacts import load, sha256_file
 from mmie.core.errors import DataError
 from mmie.core.models import ModelSpec, loaded, unwrap
 from mmie.unlearn.data import collate, forward
@@ -203,7 +203,8 @@ def test_fallback_is_the_first_retain_set_cycled_and_recorded(files):
     assert data.alternative.texts == want
     assert data.alternative.record == {"source": FALLBACK, "path": None, "n": 12,
                                        "sha256": texts_sha256(want)}
-    assert choose(["x"], "f", [["y"]], 1).record["source"] == "file"
+    given = choose(["x"], str(files["en"]), [["y"]], 1).record
+    assert given["source"] == "file" and given["file_sha256"] == sha256_file(files["en"])
     assert read_data(UnlearnConfig(forget=str(files["hi"]), retain=(str(files["en"]),))) \
         .alternative is None  # npo reads none
 

@@ -16,7 +16,7 @@ line empty in either file drops that pair). Without it the fallback is the texts
 retain set**, cycled to the forget set's length: list the language that should replace the
 forgotten one (English) first. They are not translations of the forget texts, only fluent text
 of the wanted language after each forget prompt. Either way the artifact's config records the
-source, the count and the sha256 of the texts used (``alternative_inputs``).
+source, the count and the sha256 of the texts used, and of the file (``alternative_inputs``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from mmie.core.artifacts import sha256_file
 from mmie.core.data import TextSource, read_raw, split_prompt
 from mmie.core.errors import DataError
 from mmie.core.models import LoadedModel
@@ -64,7 +66,8 @@ def choose(given: list[str] | None, path: str | None, retain: list[list[str]],
            n_forget: int) -> Alternatives:
     """The file's alternatives, or the documented fallback (module docstring)."""
     if given is not None:
-        texts, source = given, {"source": "file", "path": path}
+        digest = sha256_file(Path(path)) if Path(path).is_file() else None  # None: a dataset
+        texts, source = given, {"source": "file", "path": path, "file_sha256": digest}
     else:
         first = retain[0]
         texts = [first[i % len(first)] for i in range(n_forget)]
