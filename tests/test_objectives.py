@@ -27,13 +27,13 @@ def _leaf(values):
 
 
 def test_registry_lists_all_objectives_and_retain_losses():
-    assert objective_names() == ["ga", "graddiff", "npo", "rmu", "simnpo"]
+    assert objective_names() == ["dpo", "ga", "graddiff", "npo", "redirect", "rmu", "simnpo"]
     assert retain_loss_names() == ["kl", "nll"]
 
 
 def test_unknown_names_and_options_list_the_valid_ones():
-    with pytest.raises(ValueError, match="ga, graddiff, npo, rmu, simnpo"):
-        get_objective("dpo")
+    with pytest.raises(ValueError, match="dpo, ga, graddiff, npo, redirect, rmu, simnpo"):
+        get_objective("kto")
     with pytest.raises(ValueError, match="kl, nll"):
         get_retain_loss("mse")
     with pytest.raises(ValueError, match="no option gamma; options: beta, retain_weight"):

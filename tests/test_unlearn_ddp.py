@@ -154,6 +154,24 @@ def test_lora_npo_two_seeds_match_one_process_and_only_rank0_writes(files, tmp_p
         assert_same_run(one.path, art.path)
 
 
+def test_redirect_plus_npo_mixes_units_and_matches_one_process(files, tmp_path):
+    """Redirect's NLL is a mean over alternative tokens, NPO's over sequences: each is scaled
+    by its own unit's share, so two processes still train what one does. At 64 tokens the
+    alternatives' lengths differ between the processes' shares."""
+    opts = ("base=npo", "redirect_weight=0.5")
+    got = launch(tmp_path, [*cli_args(files, "--objective", "redirect", "--alternative",
+                                      str(files["en"]), "--rank", "4", "--lr", "1e-2",
+                                      "--max-length", "64",
+                                      *(x for o in opts for x in ("--objective-opt", o)),
+                                      "--out", str(tmp_path / "ddp"))], "redirect")
+    assert got.returncode == 0, f"{got.output}\n{got.stderr}"
+    one = run(config(files, objective="redirect", alternative=str(files["en"]), rank=4, lr=1e-2,
+                     max_length=64, objective_options=tuple(tuple(o.split("=")) for o in opts)),
+              tmp_path / "one")
+    assert load(tmp_path / "ddp").metrics["processes"] == 2
+    assert_same_run(one.path, tmp_path / "ddp")
+
+
 def test_gated_reft_resumes_under_the_launcher_from_a_one_process_checkpoint(files, tmp_path):
     """Steps 1-2 by one process, interrupted; steps 3-4 resumed by two: the same as one
     uninterrupted process (the gate's and the retain KL's token means span both shares)."""

@@ -76,7 +76,8 @@ def evaluate_cmd(
     out: OutOpt,
     model: ModelOpt = "default",
     adapter: Annotated[str | None, typer.Option(
-        help="Adapter artifact (from `mmie unlearn`) to evaluate; none = the base model.")] = None,
+        help="Adapter artifact (from `mmie unlearn`), or a neurons mask/ablation artifact "
+             "(`mmie neurons select|ablate`), to evaluate; none = the base model.")] = None,
     sae: Annotated[str | None, typer.Option(help="SAE artifact for --sae-gate.")] = None,
     sae_gate: Annotated[bool, typer.Option(
         "--sae-gate", help="Gate the forget-language SAE features (needs --sae).")] = False,
@@ -84,6 +85,9 @@ def evaluate_cmd(
         help="SAE gate strength (default: the artifact's).")] = None,
     script_scrub: Annotated[str | None, typer.Option(
         "--script-scrub", help="Script-scrub artifact to apply.")] = None,
+    neuron_scale: Annotated[float | None, typer.Option(
+        help="With a neurons mask/ablation artifact as --adapter: factor on its neurons' "
+             "activations (default: the artifact's scale, 0 for a mask).")] = None,
     xlang: Annotated[list[str] | None, typer.Option(
         help="LANG=FILE protected related language (leakage, collateral damage); repeat.")] = None,
     romanized: Annotated[str | None, typer.Option(help="Romanized forget-language texts.")] = None,
@@ -144,6 +148,7 @@ def evaluate_cmd(
             adversarial=adversarial,
             forget_train=forget_train, layers=layers, baseline=baseline, adapter=adapter,
             sae=sae, sae_gate=sae_gate, gate_strength=gate_strength, scrub=script_scrub, arm=arm,
+            neuron_scale=neuron_scale,
             n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
             temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
             seed=seed, forget_lang=forget_lang,

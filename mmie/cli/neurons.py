@@ -104,6 +104,9 @@ def select_cmd(
         help="--lape: activation-probability threshold (default: --prob-quantile).")] = None,
     prob_quantile: Annotated[float, typer.Option(
         help="--lape: quantile of all probabilities used as threshold.")] = 0.95,
+    exclusive: Annotated[bool, typer.Option(
+        "--exclusive", help="--lape: keep only neurons selected for --target-lang and for no "
+                            "other --lang (the protected languages).")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -114,7 +117,8 @@ def select_cmd(
     artifact = run_guarded(lambda: run_select(writes(SelectConfig(
         method="lape" if lape else "diff", target=target, reference=reference, top=share,
         scope=scope, score=score, langs=langs, target_lang=target_lang,
-        lape_quantile=lape_quantile, min_prob=min_prob, prob_quantile=prob_quantile),
+        lape_quantile=lape_quantile, min_prob=min_prob, prob_quantile=prob_quantile,
+        exclusive=exclusive),
         out_dir, force),
         out_dir, force=force))
     if json_out:

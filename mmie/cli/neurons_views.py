@@ -38,6 +38,9 @@ def select(artifact: Artifact) -> None:
     out.print(counts_table("selected neurons", m["per_layer"]))
     info(f"{m['selected']} of {m['neurons']} neurons ({m['share']:.2%}); mask written to "
          f"{artifact.path}")
+    if m.get("exclusive"):
+        shared = ", ".join(f"{lang} {n}" for lang, n in m["shared_with"].items())
+        info(f"exclusive to {m['target_lang']}: left out those also selected for ({shared})")
 
 
 def finetune(artifact: Artifact) -> None:

@@ -76,7 +76,12 @@ def unlearn_cmd(
     method: Annotated[str, typer.Option(
         help="lora (PEFT), reft (block-output interventions), or scrub (no training: fit a "
              "forget-vs-retain direction per layer, a 'scrub' artifact).")] = "lora",
-    objective: Annotated[str, typer.Option(help="ga, graddiff, npo, simnpo or rmu.")] = "npo",
+    objective: Annotated[str, typer.Option(
+        help="ga, graddiff, npo, simnpo, rmu, redirect or dpo.")] = "npo",
+    alternative: Annotated[str | None, typer.Option(
+        "--alternative", help="redirect / dpo: texts line-aligned with --forget, what each "
+                              "forget prompt should be continued with instead (default: the "
+                              "first --retain set's texts).")] = None,
     objective_opt: Annotated[list[str] | None, typer.Option(
         "--objective-opt", help="Objective setting NAME=VALUE, e.g. beta=0.2 (npo/simnpo), "
                                 "steering_coeff=20 or layer=6 (rmu); repeat.")] = None,
@@ -152,7 +157,7 @@ def unlearn_cmd(
             alpha=alpha, target_modules=_modules(target_modules) or LORA_TARGETS, gate=gate,
             gate_weight=gate_weight, reft_kind=reft_kind, curriculum=curriculum,
             checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm,
-            max_samples=max_samples, scrub_whiten=scrub_whiten)
+            max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative)
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

@@ -169,7 +169,7 @@ def check_eval_baseline(baseline: Artifact | None, model: ModelIdentity | None =
         return
     check_baseline_is_base(baseline)
     if adapter is not None:
-        check_same_model("baseline", baseline, load(adapter, kind="adapter"))
+        check_same_model("baseline", baseline, load(adapter))  # an adapter or a neurons mask
     if model is not None:
         check_same_model("baseline", baseline, model)
 

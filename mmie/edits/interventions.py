@@ -42,6 +42,7 @@ from mmie.core.hooks import edit_blocks
 from mmie.core.models import LoadedModel
 from mmie.core.progress import SILENT, Progress
 from mmie.edits.adapters import check_layers, check_names_shapes, load_adapter
+from mmie.edits.neurons import neurons_attached
 from mmie.sae.modules import SaeConfig, SparseAutoencoder, build_sae
 
 # --- saved adapters ---------------------------------------------------------------------------
@@ -236,20 +237,34 @@ def scrub_attached(lm: LoadedModel, path: Path) -> Iterator[dict]:
 
 # --- all together -----------------------------------------------------------------------------
 
+def _adapter_or_neurons(lm: LoadedModel, path: Path, neuron_scale: float | None):
+    """An ``adapter`` artifact, or a ``neurons`` mask / ablation artifact scaling its neurons
+    (:func:`mmie.edits.neurons.neurons_attached`): both are arms of their own."""
+    if load(path).kind == "neurons":
+        return neurons_attached(lm, path, neuron_scale)
+    if neuron_scale is not None:
+        raise ValueError(f"a neuron scale needs a neurons artifact; {path} is not one")
+    return adapter_attached(lm, path)
+
+
 @contextmanager
 def attached(lm: LoadedModel, *, adapter: Path | None = None, sae: Path | None = None,
-             sae_gate_strength: float | None = None,
-             scrub: Path | None = None) -> Iterator[dict]:
+             sae_gate_strength: float | None = None, scrub: Path | None = None,
+             neuron_scale: float | None = None) -> Iterator[dict]:
     """Apply the given edits (adapter first, then SAE gate, then scrub) for the block.
 
-    Yields ``{'adapter': {...}, 'sae_gate': {...}, 'scrub': {...}, 'arm': str,
-    'arm_parts': [...]}`` with only the applied keys; each record names the artifact path and
-    content hash. ``arm`` is ``<method>-<objective>`` or ``base``, then ``+sae-gate``,
+    ``adapter`` may also be a ``neurons`` mask or ablation artifact: its neurons are scaled
+    by ``neuron_scale`` (default: the artifact's scale, 0 for a mask). Yields
+    ``{'adapter': {...}, 'sae_gate': {...}, 'scrub': {...}, 'arm': str, 'arm_parts': [...]}``
+    with only the applied keys; each record names the artifact path and content hash. ``arm``
+    is ``<method>-<objective>``, ``neurons-x<scale>`` or ``base``, then ``+sae-gate``,
     ``+scrub``. Everything is removed on exit, also on an exception.
     """
     if sae_gate_strength is not None and sae is None:
         raise ValueError("an SAE gate strength needs an SAE artifact")
-    openers = (("adapter", adapter, lambda p: adapter_attached(lm, p)),
+    if neuron_scale is not None and adapter is None:
+        raise ValueError("a neuron scale needs a neurons artifact as the adapter")
+    openers = (("adapter", adapter, lambda p: _adapter_or_neurons(lm, p, neuron_scale)),
                ("sae_gate", sae, lambda p: sae_gate_attached(lm, p, sae_gate_strength)),
                ("scrub", scrub, lambda p: scrub_attached(lm, p)))
     applied: dict = {}

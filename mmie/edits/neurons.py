@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mmie.core.artifacts import Artifact, ModelIdentity, check_model, load
+from mmie.core.artifacts import Artifact, ModelIdentity, check_model, content_hash, load
 from mmie.core.errors import ArtifactError, ModelError
 from mmie.core.hooks import HookSpec, hooked
 from mmie.core.models import LoadedModel
@@ -218,3 +218,35 @@ def ablated(lm: LoadedModel, neurons: Path | str | Artifact,
              for i, m in masks.items() if m.any()]
     with hooked(specs):
         yield masks
+
+
+# --- as an evaluation arm ---------------------------------------------------------------------
+# A mask artifact records no scale: as an arm it ablates (0) unless a scale is given; an
+# ablation artifact uses the scale it was saved with.
+
+def arm_scale(artifact: Artifact, scale: float | None) -> float:
+    """The scale an arm applies: the given one, else the artifact's, else 0 (ablation)."""
+    if scale is not None:
+        return float(scale)
+    recorded = artifact.config.get("scale")
+    return 0.0 if recorded is None else float(recorded)
+
+
+def arm_name(artifact: Artifact, scale: float | None) -> str:
+    """``neurons[-exclusive]-x<scale>``, e.g. ``neurons-exclusive-x0`` for ablated exclusive
+    neurons: the scale is part of the arm, since 0.5 and 0 are different edits."""
+    exclusive = "-exclusive" if artifact.config.get("exclusive") else ""
+    return f"neurons{exclusive}-x{arm_scale(artifact, scale):g}"
+
+
+@contextmanager
+def neurons_attached(lm: LoadedModel, path: Path | str,
+                     scale: float | None = None) -> Iterator[dict]:
+    """:func:`ablated` as an arm of `evaluate`; yields what was applied (path, hash, scale)."""
+    artifact = load_role(path, ("mask", "ablation"), lm.identity)
+    factor = arm_scale(artifact, scale)
+    with ablated(lm, artifact, factor) as masks:
+        yield {"path": str(path), "sha256": content_hash(path), "kind": "neurons",
+               "role": artifact.config.get("role"), "scale": factor,
+               "selected": sum(int(m.sum()) for m in masks.values()),
+               "arm": arm_name(artifact, scale)}

@@ -8,6 +8,7 @@ instructions and are used whole.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ class EvalConfig:
     layers: a ``layers`` artifact; its ``metrics['chosen']`` layers are probed.
     baseline: an ``eval`` artifact of the base model, for the retain perplexity ratio.
     adapter, sae, scrub: intervention artifacts; the SAE gate needs ``sae_gate``, with
-        ``gate_strength`` overriding the artifact's strength.
+        ``gate_strength`` overriding the artifact's strength. ``adapter`` may be a ``neurons``
+        mask or ablation artifact (its neurons scaled by ``neuron_scale``; default the
+        artifact's scale, 0 for a mask: :func:`mmie.edits.neurons.arm_scale`).
     arm: name recorded for `gate`; None derives it (:func:`arm_name`).
     n_prompts: texts used per set (the first ones of each file).
     max_new_tokens, batch_size, temperature, top_p, seed: generation (greedy unless a
@@ -66,6 +69,7 @@ class EvalConfig:
     sae_gate: bool = False
     gate_strength: float | None = None
     scrub: str | None = None
+    neuron_scale: float | None = None
     arm: str | None = None
     n_prompts: int = 16
     max_new_tokens: int = 48
@@ -118,6 +122,10 @@ class EvalConfig:
             raise ValueError("--gate-strength needs --sae-gate")
         if self.arm is not None and not self.arm.strip():
             raise ValueError("arm name is empty")
+        if self.neuron_scale is not None and (self.adapter is None
+                                              or not math.isfinite(self.neuron_scale)):
+            raise ValueError("--neuron-scale must be finite and needs a neurons artifact as "
+                             f"--adapter (got {self.neuron_scale}, adapter {self.adapter})")
 
     @property
     def intervened(self) -> bool:

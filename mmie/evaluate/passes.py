@@ -72,7 +72,8 @@ def interventions(lm: LoadedModel, c: EvalConfig) -> Iterator[dict]:
 
     path = lambda p: Path(p) if p else None  # noqa: E731
     with attached(lm, adapter=path(c.adapter), sae=path(c.sae),
-                  sae_gate_strength=c.gate_strength, scrub=path(c.scrub)) as applied:
+                  sae_gate_strength=c.gate_strength, scrub=path(c.scrub),
+                  neuron_scale=c.neuron_scale) as applied:
         yield dict(applied or {})
 
 

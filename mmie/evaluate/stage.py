@@ -21,7 +21,9 @@ from pathlib import Path
 from mmie.core import provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.distributed import ensure_group, main_writes
+from mmie.core.errors import ArtifactError
 from mmie.core.progress import SILENT, Progress
+from mmie.edits.neurons import arm_name as neurons_arm_name
 from mmie.evaluate.config import (  # noqa: F401  (re-exported: the stage's public names)
     EXTRA_SETS,
     EvalConfig,
@@ -39,15 +41,26 @@ from mmie.metrics.fluency import FluencyReference, reference
 
 # --- arms and parent artifacts ----------------------------------------------------------------
 
+def _arm_artifact(c: EvalConfig) -> Artifact:
+    """The ``--adapter`` artifact: an adapter, or a neurons mask / ablation (an arm too)."""
+    artifact = load(c.adapter)
+    if artifact.kind not in ("adapter", "neurons"):
+        raise ArtifactError(f"{c.adapter}: --adapter takes an adapter or neurons artifact, "
+                            f"found kind '{artifact.kind}'")
+    return artifact
+
+
 def arm_name(c: EvalConfig) -> str:
-    """'base', or the adapter's method-objective, plus '+sae-gate' / '+scrub'."""
+    """'base', the adapter's method-objective or 'neurons-x<scale>', plus '+sae-gate' /
+    '+scrub'."""
     if c.arm:
         return c.arm
     if c.adapter is None:
         name = "base"
+    elif (art := _arm_artifact(c)).kind == "neurons":
+        name = neurons_arm_name(art, c.neuron_scale)
     else:
-        cfg = load(c.adapter, kind="adapter").config
-        parts = [str(cfg[k]) for k in ("method", "objective") if cfg.get(k)]
+        parts = [str(art.config[k]) for k in ("method", "objective") if art.config.get(k)]
         name = "-".join(parts) or Path(c.adapter).name
     return name + "+sae-gate" * c.sae_gate + "+scrub" * (c.scrub is not None)
 
@@ -56,7 +69,7 @@ def replicate_seed(c: EvalConfig) -> int:
     """The seed `gate` groups by: the adapter's training seed, else the evaluation seed."""
     if c.adapter is None:
         return c.seed
-    return int(load(c.adapter, kind="adapter").config.get("seed", c.seed))
+    return int(_arm_artifact(c).config.get("seed", c.seed))
 
 
 def parent_paths(c: EvalConfig) -> list[Path]:

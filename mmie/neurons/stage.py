@@ -15,7 +15,11 @@ Selections (role ``mask``; tensor file ``mask`` with a bool ``layer{i}.selected`
   the activity threshold in some language (``min_prob``, or else the ``prob_quantile`` of all
   probabilities); of the candidates, the ``lape_quantile`` share of all neurons with the lowest
   entropy is language-specific, and the mask holds those active above the threshold in
-  ``target_lang``. Ranked over all layers at once, as in the paper.
+  ``target_lang``. Ranked over all layers at once, as in the paper. With ``exclusive``, a
+  neuron stays only if it is selected for ``target_lang`` and for none of the other languages
+  (the protected ones): LAPE alone also keeps neurons active in several languages, e.g. ones
+  that fire on Hindi, Urdu, Punjabi and Bengali alike but not on English (issue #20), which
+  are "not English" neurons rather than Hindi ones.
 
 :func:`ablated` scales the selected neurons' activations (a pre-hook on down_proj) while a
 block runs: one more unlearning arm for `evaluate` and `gate`.
@@ -172,6 +176,7 @@ class SelectConfig:
     target_lang: ``lape``: the language whose neurons form the mask; None = the first one.
     lape_quantile: share of all neurons with the lowest entropy that may be specific.
     min_prob: activity threshold; None = the ``prob_quantile`` of all probabilities.
+    exclusive: ``lape``: keep only neurons selected for ``target_lang`` and no other language.
     """
 
     method: SelectMethod = SelectMethod.DIFF
@@ -185,6 +190,7 @@ class SelectConfig:
     lape_quantile: float = 0.01
     min_prob: float | None = None
     prob_quantile: float = 0.95
+    exclusive: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", SelectMethod(self.method))
@@ -198,6 +204,8 @@ class SelectConfig:
         for name in ("top", "lape_quantile", "prob_quantile"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.exclusive and self.method is not SelectMethod.LAPE:
+            raise ValueError("--exclusive applies to --lape selections")
         if self.min_prob is not None and not 0 <= self.min_prob < 1:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
 
@@ -279,10 +287,16 @@ def _select_lape(c: SelectConfig) -> Selection:
     threshold = (c.min_prob if c.min_prob is not None
                  else float(np.quantile(prob.numpy(), c.prob_quantile)))
     per_lang = lape_masks(prob, c.lape_quantile, threshold)
-    masks = dict(zip(layers, per_lang[names.index(target)].split(widths), strict=True))
+    mine = per_lang[names.index(target)]
     counts = {n: int(per_lang[k].sum()) for k, n in enumerate(names)}
+    shared = {n: int((mine & per_lang[k]).sum()) for k, n in enumerate(names) if n != target}
+    if c.exclusive:
+        others = [k for k, n in enumerate(names) if n != target]
+        mine = mine & ~per_lang[others].any(0)
+    masks = dict(zip(layers, mine.split(widths), strict=True))
     return Selection(masks, [str(a.path) for a in arts], arts[0].model,
-                     {"threshold": threshold, "target_lang": target, "per_language": counts})
+                     {"threshold": threshold, "target_lang": target, "per_language": counts,
+                      "shared_with": shared, "exclusive": c.exclusive})
 
 
 SELECTORS: dict[SelectMethod, Callable[[SelectConfig], Selection]] = {

@@ -12,7 +12,7 @@ from pathlib import Path
 from mmie.core import losses
 from mmie.core.models import ModelSpec
 from mmie.edits.adapters import LORA_TARGETS, METHODS, AdapterSpec
-from mmie.unlearn.objectives import get_objective, get_retain_loss
+from mmie.unlearn.objectives import get_objective, get_retain_loss, objective_names
 
 # every trainable edit (mmie.edits.adapters), and "scrub": a fitted direction, no training
 METHOD_NAMES = (*METHODS, "scrub")
@@ -53,6 +53,9 @@ class UnlearnConfig:
     chunk_size: tokens per vocabulary chunk in the loss functions (memory vs speed).
     scrub_whiten: ``--method scrub`` only: LEACE-style whitened erasure instead of an
         orthogonal projection (:mod:`mmie.edits.interventions`).
+    alternative: text file line-aligned with ``forget``: what each forget prompt should be
+        continued with instead (``redirect``, ``dpo``); None: the fallback of
+        :mod:`mmie.unlearn.pairs` (the first retain set's texts).
     """
 
     forget: str
@@ -84,6 +87,7 @@ class UnlearnConfig:
     max_samples: int | None = None
     chunk_size: int = losses.DEFAULT_CHUNK_SIZE
     scrub_whiten: bool = False
+    alternative: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("retain", "target_modules", "objective_options", "retain_options",
@@ -96,8 +100,12 @@ class UnlearnConfig:
             raise ValueError(f"method '{self.method}' not in {', '.join(sorted(METHOD_NAMES))}")
         _check_numbers(self)
         self.set_weights()
-        self.build_objective(layer=0)
+        objective = self.build_objective(layer=0)
         self.build_retain_loss()
+        if self.alternative and not objective.needs.alternative:
+            raise ValueError(f"--alternative is read only by objectives that score an "
+                             f"alternative text ({', '.join(alternative_objectives())}), not "
+                             f"'{self.objective}'")
 
     def method_rank(self) -> int:
         return self.rank if self.rank is not None else {"reft": 4}.get(self.method, 8)
@@ -148,6 +156,10 @@ class UnlearnConfig:
             raise ValueError(f"batch-size {self.batch_size} does not split evenly over {size} "
                              f"processes; use a multiple of {size} (each process takes "
                              f"batch-size / {size} texts of every step's batch)")
+
+
+def alternative_objectives() -> list[str]:
+    return [n for n in objective_names() if get_objective(n).needs.alternative]
 
 
 def _check_numbers(c: UnlearnConfig) -> None:

@@ -42,13 +42,19 @@ def encode(lm: LoadedModel, texts: Sequence[str], max_length: int) -> list[list[
     return [list(row) for row in ids]
 
 
-def collate(lm: LoadedModel, rows: Sequence[Sequence[int]]) -> Batch:
+def collate(lm: LoadedModel, rows: Sequence[Sequence[int]],
+            starts: Sequence[int] | None = None) -> Batch:
+    """Left-padded batch; with ``starts``, row ``j`` scores only its tokens from index
+    ``starts[j]`` on (a continuation after its prompt), so the prompt never gets a loss."""
     width = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     labels, label_mask = losses.shift_labels(ids, attention)
+    if starts is not None:  # position t predicts token t + 1: the first scored one is start - 1
+        first = torch.tensor([width - len(r) + s - 1 for r, s in zip(rows, starts, strict=True)])
+        label_mask &= torch.arange(width)[None, :] >= first[:, None]
     real = real_token_mask(lm, {"input_ids": ids, "attention_mask": attention})
     return Batch(ids, attention, positions, labels, label_mask, real)
 
@@ -90,6 +96,7 @@ class References:
     forget_tokens: dict[int, int] = field(default_factory=dict)      # predicted tokens, per text
     retain_topk: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     retain_acts: dict[int, Tensor] = field(default_factory=dict)     # [real tokens, d] per text
+    alternative_logp: dict[int, float] = field(default_factory=dict)  # log p(alt | prompt)
 
 
 def _chunks(items: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
@@ -97,21 +104,34 @@ def _chunks(items: Sequence[int], lengths: Sequence[int], size: int) -> list[lis
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-@torch.no_grad()
 def forget_references(lm: LoadedModel, adapter: Adapter, rows: list[list[int]],
                       which: Sequence[int], refs: References, batch_size: int,
-                      chunk_size: int) -> None:
+                      chunk_size: int, starts: Sequence[int] | None = None) -> None:
+    """The frozen model's summed log-likelihood of each listed forget row (from ``starts``)."""
+    sequence_references(lm, adapter, rows, starts, which, refs.forget_logp, refs.forget_tokens,
+                        batch_size=batch_size, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def sequence_references(lm: LoadedModel, adapter: Adapter, rows: list[list[int]],
+                        starts: Sequence[int] | None, which: Sequence[int],
+                        logp: dict[int, float], tokens: dict[int, int] | None, *,
+                        batch_size: int, chunk_size: int) -> None:
+    """Fill ``logp[i]`` (and ``tokens[i]``) for each listed row not filled yet."""
     head = losses.head_params(unwrap(lm.model))
-    todo = [i for i in sorted(set(which)) if i not in refs.forget_logp]
+    todo = [i for i in sorted(set(which)) if i not in logp]
     for chunk in _chunks(todo, [len(r) for r in rows], batch_size):
-        batch = collate(lm, [rows[i] for i in chunk])
+        batch = collate(lm, [rows[i] for i in chunk],
+                        None if starts is None else [starts[i] for i in chunk])
         with adapter.reference():
             out = forward(lm, batch, hidden=True, layer=None)
         mask = batch.label_mask.to(out.hidden.device)
         total, count = losses.sequence_logprobs(out.hidden, labels=batch.labels.to(mask.device),
                                                 mask=mask, chunk_size=chunk_size, **head)
         for j, i in enumerate(chunk):
-            refs.forget_logp[i], refs.forget_tokens[i] = float(total[j]), int(count[j])
+            logp[i] = float(total[j])
+            if tokens is not None:
+                tokens[i] = int(count[j])
 
 
 @torch.no_grad()

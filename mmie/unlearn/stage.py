@@ -69,7 +69,10 @@ from mmie.unlearn.data import (
     encode,
     forget_references,
     retain_references,
+    sequence_references,
 )
+from mmie.unlearn.pairs import Alternatives, Rows, build_rows, read_aligned
+from mmie.unlearn.pairs import choose as choose_alternatives
 from mmie.unlearn.train import Loop, Plan, Trainer, make_accelerator, train
 
 __all__ = ["UnlearnConfig", "checkpoint_dir", "load_adapter", "parse_options", "prepare", "run",
@@ -82,13 +85,15 @@ __all__ = ["UnlearnConfig", "checkpoint_dir", "load_adapter", "parse_options", "
 class TextData:
     forget: list[str]
     retain: list[list[str]]  # one list per retain set
+    alternative: Alternatives | None = None  # one per forget text (redirect, dpo)
 
     def records(self, c: UnlearnConfig) -> dict:
         weights = c.set_weights()
         sets = [{"path": p, "name": n, "n": len(t), "weight": w, "sha256": _file_hash(p)}
                 for p, n, t, w in zip(c.retain, c.set_names(), self.retain, weights, strict=True)]
+        alt = {"alternative": self.alternative.record} if self.alternative else {}
         return {"forget": {"path": c.forget, "n": len(self.forget), "sha256": _file_hash(c.forget)},
-                "retain": sets}
+                "retain": sets, **alt}
 
 
 def _file_hash(path: str) -> str | None:
@@ -99,9 +104,15 @@ def read_data(c: UnlearnConfig) -> TextData:
     """Every text set, validated (``DataError`` on an empty or unreadable one, or a forget
     set that is also a retain set)."""
     refuse_same_texts(c.forget, c.retain)
-    forget = read_texts(c.forget, field=c.field, limit=c.max_samples)
+    given = None
+    if c.alternative:  # line-aligned: read together (mmie.unlearn.pairs)
+        forget, given = read_aligned(c.forget, c.alternative, c.field, c.max_samples)
+    else:
+        forget = read_texts(c.forget, field=c.field, limit=c.max_samples)
     retain = [read_texts(p, field=c.field, limit=c.max_samples) for p in c.retain]
-    return TextData(forget, retain)
+    wanted = c.method != "scrub" and c.build_objective(layer=0).needs.alternative
+    alt = choose_alternatives(given, c.alternative, retain, len(forget)) if wanted else None
+    return TextData(forget, retain, alt)
 
 
 # --- preparing a run ---------------------------------------------------------------------------
@@ -159,28 +170,37 @@ def _prepare_with(c, lm, data, layers, adapter) -> Prepared:
         c.build_retain_loss()
     plan = Plan(objective, retain_loss, getattr(objective.config, "layer", None),
                 c.gate_weight, c.max_grad_norm, c.chunk_size)
-    forget = _rows(lm, data.forget, c.max_length, c.forget)
+    rows = build_rows(lm, data.forget, data.alternative.texts if data.alternative else None,
+                      objective.needs, c.max_length, c.forget)
     sets = [_rows(lm, t, c.max_length, p) for t, p in zip(data.retain, c.retain, strict=True)]
     retain = [row for s in sets for row in s]
     start = time.perf_counter()
-    refs, schedule = _references(c, lm, adapter, plan, forget, sets, here)
-    trainer = Trainer(lm, adapter, plan, forget, retain, refs, schedule, c.method_lr())
+    refs, schedule = _references(c, lm, adapter, plan, rows, sets, here)
+    trainer = Trainer(lm, adapter, plan, rows.forget, retain, refs, schedule, c.method_lr(),
+                      pairs=rows)
     options = {"objective_config": asdict(objective.config),
                "retain_loss_config": asdict(retain_loss.config)}
+    if data.alternative:
+        options["alternative_inputs"] = {**data.alternative.record, "dropped": rows.dropped}
     return Prepared(trainer, adapter, layers, options, time.perf_counter() - start)
 
 
-def _references(c, lm, adapter, plan: Plan, forget, sets,
+def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
                 here: World) -> tuple[References, Schedule]:
     """This process's share of the batch schedule, and the reference targets of exactly the
     examples that share visits."""
     needs, rl, refs = plan.objective.needs, plan.retain_loss, References()
     kw = dict(batch_size=c.batch_size, chunk_size=c.chunk_size)
-    order = _curriculum(lm, adapter, forget, refs, here, kw) if c.curriculum else None
+    forget = rows.forget
+    order = _curriculum(lm, adapter, rows, refs, here, kw) if c.curriculum else None
     schedule = build_schedule(len(forget), [len(s) for s in sets], c.set_weights(), c.steps,
                               c.batch_size, c.seed, order).local(here)
+    visited = sum(schedule.forget, [])
     if needs.reference_logprobs:
-        forget_references(lm, adapter, forget, sum(schedule.forget, []), refs, **kw)
+        forget_references(lm, adapter, forget, visited, refs, starts=rows.forget_starts, **kw)
+    if needs.reference_alternative:
+        sequence_references(lm, adapter, rows.alternative, rows.alternative_starts, visited,
+                            refs.alternative_logp, None, **kw)
     top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
     if top_k is not None or needs.reference_activations:
         retain = [row for s in sets for row in s]
@@ -189,15 +209,16 @@ def _references(c, lm, adapter, plan: Plan, forget, sets,
     return refs, schedule
 
 
-def _curriculum(lm, adapter, forget, refs: References, here: World, kw: dict) -> list[int]:
+def _curriculum(lm, adapter, rows: Rows, refs: References, here: World,
+                kw: dict) -> list[int]:
     """Easiest-first order of every forget text. Each process scores its share and all share
     the scores, so every process orders, and so schedules, alike."""
-    mine = shard(range(len(forget)), here)
-    forget_references(lm, adapter, forget, mine, refs, **kw)
+    mine = shard(range(len(rows.forget)), here)
+    forget_references(lm, adapter, rows.forget, mine, refs, starts=rows.forget_starts, **kw)
     for part in gather({i: (refs.forget_logp[i], refs.forget_tokens[i]) for i in mine}):
         for i, (logp, n_tokens) in part.items():
             refs.forget_logp[i], refs.forget_tokens[i] = logp, n_tokens
-    return curriculum_order(refs, len(forget))
+    return curriculum_order(refs, len(rows.forget))
 
 
 # --- training and saving ----------------------------------------------------------------------

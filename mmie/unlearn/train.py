@@ -61,6 +61,7 @@ from mmie.unlearn import fsdp as unlearn_fsdp
 from mmie.unlearn.checkpoint import kept_message, load_checkpoint, save_checkpoint
 from mmie.unlearn.data import Batch, Pass, References, Schedule, collate, forward, gather_topk
 from mmie.unlearn.objectives import Objective, ObjectiveInputs, RetainInputs, RetainLoss
+from mmie.unlearn.pairs import Rows
 
 
 class TrainingDiverged(MmieError):
@@ -116,6 +117,7 @@ class StepBatches:
     forget: Batch
     retain_rows: list[int]
     retain: Batch | None
+    alternative: Batch | None = None  # the forget rows' prompts followed by their alternatives
 
 
 class StepLoss(nn.Module):
@@ -137,13 +139,16 @@ class StepLoss(nn.Module):
 class Trainer:
     """Computes and applies one training step; everything it needs is prepared up front.
 
-    ``schedule`` is this process's share (:meth:`Schedule.local`).
+    ``schedule`` is this process's share (:meth:`Schedule.local`); ``pairs``: scored spans and
+    alternative rows of the forget rows (:mod:`mmie.unlearn.pairs`; None: whole texts).
     """
 
     def __init__(self, lm: LoadedModel, adapter: Adapter, plan: Plan, forget: list[list[int]],
-                 retain: list[list[int]], refs: References, schedule: Schedule, lr: float):
+                 retain: list[list[int]], refs: References, schedule: Schedule, lr: float,
+                 pairs: Rows | None = None):
         self.lm, self.adapter, self.plan, self.refs = lm, adapter, plan, refs
         self.forget, self.retain, self.schedule = forget, retain, schedule
+        self.pairs = pairs or Rows(forget)
         for p in adapter.trainable().values():
             p.requires_grad_(True)
         self.gated = adapter.spec.gate is not None
@@ -187,25 +192,42 @@ class Trainer:
         f_rows, r_rows = self.schedule.forget[step], self.schedule.retain[step]
         retain = collate(self.lm, [self.retain[i] for i in r_rows]) if self._needs_retain() \
             else None
-        return StepBatches(f_rows, collate(self.lm, [self.forget[i] for i in f_rows]), r_rows,
-                           retain)
+        alt, p = None, self.pairs
+        if self.plan.objective.needs.alternative:
+            alt = collate(self.lm, [p.alternative[i] for i in f_rows],
+                          [p.alternative_starts[i] for i in f_rows])
+        forget = collate(self.lm, [self.forget[i] for i in f_rows], p.starts(f_rows))
+        return StepBatches(f_rows, forget, r_rows, retain, alt)
 
-    def _forget(self, s: StepBatches) -> tuple[dict, Pass]:
+    def _logprobs(self, out: Pass, batch: Batch) -> tuple[Tensor, Tensor]:
+        mask = batch.label_mask.to(out.hidden.device)
+        return losses.sequence_logprobs(out.hidden, labels=batch.labels.to(mask.device),
+                                        mask=mask, chunk_size=self.plan.chunk_size, **self.head)
+
+    def _forget(self, s: StepBatches) -> tuple[dict, Pass | None]:
         needs, batch = self.plan.objective.needs, s.forget
+        if not (needs.logprobs or needs.activations or self.gated):
+            return {}, None  # e.g. redirect alone reads only the alternative rows
         out = self._run(batch, hidden=needs.logprobs,
                         layer=self.plan.act_layer if needs.activations else None)
         got: dict = {}
         if needs.logprobs:
-            mask = batch.label_mask.to(out.hidden.device)
-            got["logp"], got["n_tokens"] = losses.sequence_logprobs(
-                out.hidden, labels=batch.labels.to(mask.device), mask=mask,
-                chunk_size=self.plan.chunk_size, **self.head)
+            got["logp"], got["n_tokens"] = self._logprobs(out, batch)
         if needs.reference_logprobs:
             got["ref_logp"] = torch.tensor([self.refs.forget_logp[i] for i in s.forget_rows],
                                            device=got["logp"].device)
         if needs.activations:
             got["activations"] = out.acts[batch.real.to(out.acts.device)]
         return got, out
+
+    def _alternative(self, s: StepBatches) -> dict:
+        """Log-likelihood of each alternative after its forget prompt (its tokens only)."""
+        out = self._run(s.alternative, hidden=True, layer=None)
+        got = dict(zip(("alt_logp", "alt_n_tokens"), self._logprobs(out, s.alternative)))
+        if self.plan.objective.needs.reference_alternative:
+            ref = [self.refs.alternative_logp[i] for i in s.forget_rows]
+            got["ref_alt_logp"] = torch.tensor(ref, device=got["alt_logp"].device)
+        return got
 
     def _needs_retain(self) -> bool:
         needs = self.plan.objective.needs
@@ -251,6 +273,8 @@ class Trainer:
         (``forget_nll``, not trained on) when the objective reads it."""
         objective = self.plan.objective
         got, f_out = self._forget(s)
+        if s.alternative is not None:
+            got.update(self._alternative(s))
         parts: dict[str, Tensor] = {}
         if s.retain is not None:
             more, r_out = self._retain(s)
@@ -258,7 +282,8 @@ class Trainer:
             if self.gated:
                 parts["gate"] = self._gate_loss(f_out, r_out, s, scales)
         inputs = ObjectiveInputs(**got)
-        parts["forget"] = objective.forget_loss(inputs) * scales[f"forget:{objective.forget_unit}"]
+        parts["forget"] = sum(term * scales[f"forget:{unit}"]
+                              for unit, term in objective.forget_terms(inputs).items())
         retain = objective.retain_term(inputs)
         if retain is not None:
             parts["retain"] = retain * scales[f"retain:{objective.retain_unit}"]
@@ -267,6 +292,9 @@ class Trainer:
         if "logp" in got:  # a saturating objective (NPO) hides progress; the NLL does not
             nll = -got["logp"].sum() / got["n_tokens"].sum()
             parts["forget_nll"] = (nll * scales["forget:token"]).detach()
+        if "alt_logp" in got:  # what the redirect target's NLL has come down to
+            nll = -got["alt_logp"].sum() / got["alt_n_tokens"].sum()
+            parts["alternative_nll"] = (nll * scales["forget:alternative"]).detach()
         return parts
 
     # --- sharing the global batch between processes -------------------------------------------
@@ -276,6 +304,8 @@ class Trainer:
         f = s.forget
         out = {"forget:sequence": len(s.forget_rows), "forget:token": int(f.label_mask.sum()),
                "forget:activation": int(f.real.sum())}
+        if s.alternative is not None:
+            out["forget:alternative"] = int(s.alternative.label_mask.sum())
         if s.retain is not None:
             out["retain:token"] = self.plan.retain_loss.scored(int(s.retain.label_mask.sum()))
             out["retain:activation"] = int(s.retain.real.sum())
@@ -335,6 +365,8 @@ def _fmt(values: dict[str, float]) -> str:
 
 # --- the loop ---------------------------------------------------------------------------------
 
+SHOWN = ("loss", "forget", "retain", "gate", "forget_nll", "alternative_nll")  # on the bar
+
 @dataclass(frozen=True)
 class Loop:
     steps: int
@@ -365,6 +397,5 @@ def train(trainer: Trainer, loop: Loop, resume: bool, progress) -> tuple[list[di
             if loop.main and loop.checkpoint_every and done % loop.checkpoint_every == 0 \
                     and done < loop.steps:
                 save_checkpoint(ckpt, trainer, curve, loop.identity)
-            task.advance(**{k: record[k] for k in ("loss", "forget", "retain", "gate",
-                                                   "forget_nll") if k in record})
+            task.advance(**{k: record[k] for k in SHOWN if k in record})
     return curve, resumed

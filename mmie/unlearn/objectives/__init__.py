@@ -18,6 +18,10 @@ Objectives (``objective_names()``):
   log-likelihood of the whole forget continuation; plus ``retain_weight`` x retain loss.
 - ``simnpo``: reference-free, length-normalised NPO (Fan et al. 2024),
   ``-(2/beta) logsigmoid(-(beta/|y|) logp - gamma)``; plus ``retain_weight`` x retain loss.
+- ``redirect``: NLL of an alternative text after the forget prompt (``--alternative``), alone or
+  plus NPO / SimNPO (``base``, ``redirect_weight``); plus ``retain_weight`` x retain loss.
+- ``dpo``: DPO (Rafailov et al. 2023) with the alternative as chosen and the forget text's
+  continuation as rejected, ``-logsigmoid(beta (chosen log-ratio - rejected log-ratio))``.
 - ``rmu``: Representation Misdirection (Li et al. 2024): MSE between layer-L activations on
   forget tokens and ``steering_coeff * u`` for a fixed seeded random unit vector u, plus
   ``alpha`` x MSE between the updated and frozen model's activations on retain tokens.
@@ -36,9 +40,11 @@ from mmie.unlearn.objectives.base import (
     objective_names,
     register_objective,
 )
+from mmie.unlearn.objectives.dpo import Dpo
 from mmie.unlearn.objectives.ga import GradientAscent
 from mmie.unlearn.objectives.graddiff import GradDiff
 from mmie.unlearn.objectives.npo import Npo
+from mmie.unlearn.objectives.redirect import Redirect
 from mmie.unlearn.objectives.retain import (
     KlRetain,
     NllRetain,
@@ -52,7 +58,7 @@ from mmie.unlearn.objectives.retain import (
 from mmie.unlearn.objectives.rmu import Rmu
 from mmie.unlearn.objectives.simnpo import SimNpo
 
-__all__ = ["UNITS", "GradDiff", "GradientAscent", "KlRetain", "Needs", "NllRetain", "Npo",
-           "Objective", "ObjectiveInputs", "RetainInputs", "RetainLoss", "Rmu", "SimNpo",
-           "_subsample", "get_objective", "get_retain_loss", "objective_names",
+__all__ = ["UNITS", "Dpo", "GradDiff", "GradientAscent", "KlRetain", "Needs", "NllRetain", "Npo",
+           "Objective", "ObjectiveInputs", "Redirect", "RetainInputs", "RetainLoss", "Rmu",
+           "SimNpo", "_subsample", "get_objective", "get_retain_loss", "objective_names",
            "register_objective", "register_retain_loss", "retain_loss_names"]

@@ -22,8 +22,9 @@ from torch import Tensor
 from mmie.core.registry import Registry
 
 # What a mean runs over: whole sequences, predicted tokens (positions with a next token), or the
-# real tokens other than BOS whose block activations an objective reads.
-UNITS = ("sequence", "token", "activation")
+# real tokens other than BOS whose block activations an objective reads, or the alternative
+# continuation's predicted tokens (redirect).
+UNITS = ("sequence", "token", "activation", "alternative")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class Needs:
     activations: bool = False  # activations (forget) and retain_activations at config.layer
     reference_activations: bool = False  # ref_retain_activations: frozen model, retain text
     retain_loss: bool = False  # retain_loss: a scalar from the retain-loss registry
+    # alt_logp / alt_n_tokens: the updated model on the alternative text after the forget prompt
+    alternative: bool = False
+    reference_alternative: bool = False  # ref_alt_logp: the frozen model on the same tokens
+    # logp / ref_logp score only the forget text's continuation after its prompt (the first
+    # half, mmie.core.data.split_prompt), not the whole text: the rejected side of a preference
+    continuation: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +55,9 @@ class ObjectiveInputs:
     retain_activations: Tensor | None = None  # [M, d] updated model, layer L, retain tokens
     ref_retain_activations: Tensor | None = None  # [M, d] frozen model, same retain tokens
     retain_loss: Tensor | None = None  # scalar from a RetainLoss, already reduced
+    alt_logp: Tensor | None = None  # [B] summed log p(alternative | forget prompt), updated model
+    alt_n_tokens: Tensor | None = None  # [B] alternative tokens per sequence (> 0)
+    ref_alt_logp: Tensor | None = None  # [B] same sums under the frozen reference model
 
 
 def _require(owner: str, inputs: object, *names: str) -> list[Tensor]:
@@ -103,6 +113,11 @@ class Objective:
     def forget_loss(self, inputs: ObjectiveInputs) -> Tensor:
         raise NotImplementedError
 
+    def forget_terms(self, inputs: ObjectiveInputs) -> dict[str, Tensor]:
+        """The forget loss split by the unit each part averages over (they sum to
+        :meth:`forget_loss`); the training loop weights each part by its own unit's share."""
+        return {self.forget_unit: self.forget_loss(inputs)}
+
     def retain_term(self, inputs: ObjectiveInputs) -> Tensor | None:
         """The weighted retain part of :meth:`loss`, or ``None`` when the objective has none."""
         if not self.needs.retain_loss:
@@ -117,11 +132,19 @@ class Objective:
         return forget if retain is None else forget + retain
 
     def _forget_logprobs(self, inputs: ObjectiveInputs) -> tuple[Tensor, Tensor]:
-        logp, n_tokens = _require(self.name, inputs, "logp", "n_tokens")
+        return self._sums(inputs, "logp", "n_tokens", "forget")
+
+    def _alternative_logprobs(self, inputs: ObjectiveInputs) -> tuple[Tensor, Tensor]:
+        return self._sums(inputs, "alt_logp", "alt_n_tokens", "alternative")
+
+    def _sums(self, inputs: ObjectiveInputs, logp_name: str, count_name: str,
+              what: str) -> tuple[Tensor, Tensor]:
+        logp, n_tokens = _require(self.name, inputs, logp_name, count_name)
         if logp.shape != n_tokens.shape or logp.dim() != 1:
-            raise ValueError(f"{self.name}: logp and n_tokens must both be [batch] tensors")
+            raise ValueError(f"{self.name}: {logp_name} and {count_name} must both be [batch] "
+                             "tensors")
         if (n_tokens <= 0).any():
-            raise ValueError(f"{self.name}: every forget sequence needs at least one token")
+            raise ValueError(f"{self.name}: every {what} sequence needs at least one token")
         return logp, n_tokens
 
 
