@@ -10,6 +10,7 @@ from mmie import __version__
 
 # Importing a command module attaches its command to ``app``.
 from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
+    comprehension,
     data_cmd,
     evaluate,
     gate,

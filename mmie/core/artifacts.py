@@ -31,7 +31,8 @@ FORMAT = "mmie-artifact"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = frozenset(
-    {"layers", "sae", "adapter", "eval", "gate", "neurons", "activations", "scrub", "report"}
+    {"layers", "sae", "adapter", "eval", "gate", "neurons", "activations", "scrub", "report",
+     "comprehension", "relearn"}
 )
 
 # Named upgrade functions from an older schema version to the next; empty while only v1 exists.
