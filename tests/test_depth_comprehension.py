@@ -1,4 +1,4 @@
-"""Comprehension: retrieval metrics equal hand computations; a tiny-model run writes its artifact."""
+"""Comprehension: retrieval metrics equal hand computations; a tiny run writes its artifact."""
 
 from __future__ import annotations
 
