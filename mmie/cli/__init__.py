@@ -16,6 +16,7 @@ from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
     gate,
     model_cmd,
     neurons,
+    relearn,
     report,
     select_layers,
     train_sae,
