@@ -45,6 +45,12 @@ def test_recovery_fraction_sign_free_and_missing_when_nothing_was_removed():
     assert got["value"] is None and "removed nothing" in got["missing"]
 
 
+def test_schedule_always_starts_before_the_attack():
+    assert AttackSpec(steps=(20, 5)).steps == (0, 5, 20)
+    with pytest.raises(ValueError, match=">= 0"):
+        AttackSpec(steps=(-1, 3))
+
+
 def test_overlap_with_an_evaluation_text_is_refused():
     hashes = check_disjoint(HI[:3], {"held.jsonl": HI[3:]})
     assert hashes["attack"] == [text_hash(t) for t in HI[:3]]

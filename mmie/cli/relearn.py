@@ -81,7 +81,7 @@ def relearn_cmd(
         "--eval-texts", help="Further evaluation file the attack set must not overlap; "
                              "repeat.")] = None,
     steps: Annotated[str, typer.Option(
-        help="Checkpoints (attack steps) to measure at.")] = "0,5,10,20,50",
+        help="Checkpoints (attack steps) to measure at; 0 is always measured.")] = "0,5,10,20,50",
     rank: Annotated[int, typer.Option(help="Attack LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option(help="Attack LoRA alpha.")] = 16.0,
     lr: Annotated[float, typer.Option(help="Attack learning rate.")] = 2e-4,

@@ -40,7 +40,8 @@ from mmie.lid.backends import script_of
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """The attack (module docstring). steps: checkpoints, ascending, the first may be 0."""
+    """The attack (module docstring). steps: checkpoints; 0 (before any update) is always
+    added, since the recovery fraction needs the arm's value before the attack."""
 
     steps: tuple[int, ...] = (0, 5, 10, 20, 50)
     rank: int = 8
@@ -52,11 +53,11 @@ class AttackSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        steps = tuple(sorted({int(s) for s in self.steps}))
+        steps = tuple(sorted({0, *(int(s) for s in self.steps)}))
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if not steps or steps[0] < 0:
-            raise ValueError(f"steps must be non-empty and >= 0, got {self.steps}")
+        if steps[0] < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.rank < 1 or self.alpha <= 0 or self.lr <= 0:
             raise ValueError("rank >= 1, alpha > 0 and lr > 0 are required")
         if self.batch_size < 1 or self.max_length < 2:

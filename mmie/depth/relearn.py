@@ -159,10 +159,9 @@ def summarize(c: RelearnConfig, runs: dict[str, RunResult]) -> dict:
     metrics = METRICS if arm.n_script_tokens else ("nll",)
     missing = {} if arm.n_script_tokens else {"script_mass": (
         f"the tokenizer has no token decoding to {c.forget_script} text (byte-level pieces?)")}
-    first = c.spec.steps[0]
     recovery = {m: {str(k): recovery_interval(
-        _sums(arm.scores[first]["heldout"], m), _sums(by_set["heldout"], m),
-        _sums(base.scores[first]["heldout"], m), n_boot=c.n_boot, alpha=c.alpha,
+        _sums(arm.scores[0]["heldout"], m), _sums(by_set["heldout"], m),
+        _sums(base.scores[0]["heldout"], m), n_boot=c.n_boot, alpha=c.alpha,
         seed=c.spec.seed) for k, by_set in arm.scores.items()} for m in metrics}
     controls = {n: {r: _curves(runs[r], f"control:{n}", metrics) for r in runs}
                 for n, _ in c.controls}
