@@ -173,13 +173,32 @@ def test_tiny_run_writes_the_artifact(tmp_path):
     assert np.isfinite([r["nll_sum"] for r in rows]).all()
 
 
-def test_cli_relearn(tmp_path):
+def _cli(tmp_path, *extra: str):
     config = _config(tmp_path)
-    result = runner.invoke(app, [
+    return runner.invoke(app, [
         "relearn", "--attack", config.attack, "--heldout", config.heldout, "--model",
-        "tiny:qwen2", "--device", "cpu", "--steps", "0,1", "--batch-size", "4",
-        "--max-length", "32", "--n-boot", "100", "--forget-script", "Latn",
-        "--out", str(tmp_path / "r")])
+        "tiny:llama", "--device", "cpu", "--steps", "1", "--batch-size", "4",
+        "--max-length", "32", "--n-boot", "100", "--forget-script", "Latn", *extra])
+
+
+def test_cli_relearn_on_a_merged_lora_arm(tmp_path):
+    lora = _lora_artifact(tmp_path / "lora")
+    result = _cli(tmp_path, "--adapter", str(lora), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    art = load(tmp_path / "r", kind="relearn")
+    m = art.metrics
+    assert m["arm_name"] == "lora-test" and m["kept_during_attack"] == []
+    assert art.config["applied"]["adapter"]["merged"] is True
+    assert m["steps"] == [0, 1] and m["recovery"]["nll"]["1"]["value"] is not None
+    assert "script_mass" in m["metrics"]  # Latin letters are whole byte tokens
+
+
+def test_cli_relearn_base_has_no_recovery_and_refuses_overlap(tmp_path):
+    result = _cli(tmp_path, "--out", str(tmp_path / "r"))
     assert result.exit_code == 0, result.output
     m = load(tmp_path / "r", kind="relearn").metrics
     assert m["arm_name"] == "base" and m["recovery"]["nll"]["1"]["value"] is None
+    result = _cli(tmp_path, "--eval-texts", str(tmp_path / "attack.jsonl"),
+                  "--out", str(tmp_path / "r2"))
+    assert result.exit_code == 1 and "disjoint" in result.output
+    assert not (tmp_path / "r2").exists()
