@@ -62,9 +62,9 @@ def test_overlap_with_an_evaluation_text_is_refused():
 
 def test_run_refuses_overlap_before_loading_a_model(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", HI[:6])
-    write_jsonl(tmp_path / "h.jsonl", HI[4:])
+    write_jsonl(tmp_path / "h.jsonl", HI[7:] + HI[4:5])  # beyond --max-heldout still counts
     config = RelearnConfig(attack=str(tmp_path / "a.jsonl"), heldout=str(tmp_path / "h.jsonl"),
-                           model=ModelSpec(name="no/such-model"))
+                           max_heldout=2, model=ModelSpec(name="no/such-model"))
     with pytest.raises(DataError, match="disjoint"):
         run(config, tmp_path / "out")
 
@@ -198,6 +198,7 @@ def test_cli_relearn_base_has_no_recovery_and_refuses_overlap(tmp_path):
     assert result.exit_code == 0, result.output
     m = load(tmp_path / "r", kind="relearn").metrics
     assert m["arm_name"] == "base" and m["recovery"]["nll"]["1"]["value"] is None
+    assert "no arm" in m["recovery"]["nll"]["1"]["missing"]
     result = _cli(tmp_path, "--eval-texts", str(tmp_path / "attack.jsonl"),
                   "--out", str(tmp_path / "r2"))
     assert result.exit_code == 1 and "disjoint" in result.output

@@ -101,9 +101,9 @@ def read_sets(c: RelearnConfig) -> RelearnSets:
     scored.update({f"control:{n}": read_texts(p, c.field, c.max_heldout) for n, p in c.controls})
     if len(scored["heldout"]) < 2:
         raise DataError(f"{c.heldout}: a bootstrap over texts needs at least 2 held-out texts")
-    evaluation = {**{c.heldout: scored["heldout"]}, **dict(zip(
-        [p for _, p in c.controls], [scored[f"control:{n}"] for n, _ in c.controls],
-        strict=True)), **{p: read_texts(p, c.field) for p in c.eval_texts}}
+    # whole files, not only the scored part: a text an evaluation may use is off limits
+    evaluation = {p: read_texts(p, c.field)
+                  for p in (c.heldout, *(p for _, p in c.controls), *c.eval_texts)}
     return RelearnSets(attack, scored, check_disjoint(attack, evaluation))
 
 
@@ -154,15 +154,22 @@ def _curves(run: RunResult, name: str, metrics: tuple[str, ...]) -> dict:
                 run.scores.items()} for m in metrics}
 
 
+def _recovery(c: RelearnConfig, before: dict, after: dict, base: dict, metric: str) -> dict:
+    if c.arm.is_base:
+        # two attacks on the same model differ at most by run-to-run noise: no fraction of it
+        return {"value": None, "missing": "no arm given: the base model was attacked twice"}
+    return recovery_interval(_sums(before["heldout"], metric), _sums(after["heldout"], metric),
+                             _sums(base["heldout"], metric), n_boot=c.n_boot, alpha=c.alpha,
+                             seed=c.spec.seed)
+
+
 def summarize(c: RelearnConfig, runs: dict[str, RunResult]) -> dict:
     arm, base = runs["arm"], runs["base"]
     metrics = METRICS if arm.n_script_tokens else ("nll",)
     missing = {} if arm.n_script_tokens else {"script_mass": (
         f"the tokenizer has no token decoding to {c.forget_script} text (byte-level pieces?)")}
-    recovery = {m: {str(k): recovery_interval(
-        _sums(arm.scores[0]["heldout"], m), _sums(by_set["heldout"], m),
-        _sums(base.scores[0]["heldout"], m), n_boot=c.n_boot, alpha=c.alpha,
-        seed=c.spec.seed) for k, by_set in arm.scores.items()} for m in metrics}
+    recovery = {m: {str(k): _recovery(c, arm.scores[0], by_set, base.scores[0], m)
+                    for k, by_set in arm.scores.items()} for m in metrics}
     controls = {n: {r: _curves(runs[r], f"control:{n}", metrics) for r in runs}
                 for n, _ in c.controls}
     return {"steps": list(c.spec.steps), "metrics": list(metrics), "missing": missing,
