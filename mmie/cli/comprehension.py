@@ -46,8 +46,9 @@ from mmie.cli.options import (
 
 def _table(metrics: dict, lang: str) -> Table:
     conds = [c for c in ("base", "arm") if c in metrics]
+    probe = f"; probe AUC of {lang} vs the rest" if lang == metrics["forget"] else " (control)"
     table = Table(title=f"{lang} -> {metrics['pivot']} retrieval top-1 / MRR (n={metrics['n']}, "
-                        f"chance {1 / metrics['n']:.3f}); probe AUC of {metrics['forget']}")
+                        f"chance {1 / metrics['n']:.3f}){probe}")
     table.add_column("block", justify="right")
     for cond in conds:
         table.add_column(f"{cond} top-1 [CI]", justify="right")

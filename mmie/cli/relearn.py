@@ -125,7 +125,10 @@ def relearn_cmd(
     artifact = run_guarded(body)
     m = artifact.metrics
     console.print(_table(m))
-    for name, reason in m["missing"].items():
+    reasons = {**m["missing"], **{f"recovery ({name})": cell["missing"]
+                                  for name, cells in m["recovery"].items()
+                                  for cell in cells.values() if "missing" in cell}}
+    for name, reason in reasons.items():
         info(f"[yellow]missing {name}: {reason}[/]")
     if m["kept_during_attack"]:
         info(f"kept applied during the attack: {', '.join(m['kept_during_attack'])}")
