@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1] / "mmie"
 # Bottom to top. A package imports only from packages of a lower or equal rank, and a stage
 # package never imports another stage: it reads that stage's artifact instead.
 RANK = {"mmie": 0, "core": 0, "lid": 1, "sae": 1, "edits": 2, "metrics": 2, "cli": 4}
-STAGES = ("layers", "train_sae", "unlearn", "evaluate", "gate", "neurons", "report", "datacheck")
+STAGES = ("layers", "train_sae", "unlearn", "evaluate", "gate", "neurons", "report", "datacheck",
+          "depth")
 RANK.update({stage: 3 for stage in STAGES})
 
 

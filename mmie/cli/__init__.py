@@ -10,11 +10,13 @@ from mmie import __version__
 
 # Importing a command module attaches its command to ``app``.
 from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
+    comprehension,
     data_cmd,
     evaluate,
     gate,
     model_cmd,
     neurons,
+    relearn,
     report,
     select_layers,
     train_sae,

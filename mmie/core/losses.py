@@ -198,6 +198,33 @@ def token_logprobs(
     return out
 
 
+def _subset_and_label_chunk(h, labels, weight, bias, softcap, ids):
+    logits = _logits(h, weight, bias, softcap)
+    lse = logits.logsumexp(-1)
+    picked = logits.gather(-1, labels[:, None])[:, 0]
+    return picked - lse, logits.index_select(-1, ids).logsumexp(-1) - lse
+
+
+@torch.no_grad()
+def logprobs_and_subset_mass(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    ids: Tensor,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    softcap: float | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(log p(label), log sum_{i in ids} p(i))`` per position, ``[B, T]`` each, from one pass
+    over the vocabulary per chunk (e.g. the mass on a script's tokens); not differentiable."""
+    ids = ids.to(lm_head_weight.device, torch.long)
+    fn = partial(_subset_and_label_chunk, softcap=softcap, ids=ids)
+    return _map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size,
+                       single_output=False)
+
+
 def sequence_logprobs(
     hidden: Tensor,
     lm_head_weight: Tensor,

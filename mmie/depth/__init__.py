@@ -1,0 +1,1 @@
+"""Depth of forgetting: comprehension (retrieval, probe), relearning attack, steering."""
