@@ -22,7 +22,9 @@ PROTECT ?= --retain $(DATA)/ur.jsonl --retain $(DATA)/pa.jsonl --retain $(DATA)/
 OUT ?= runs/demo
 SEEDS ?= 1
 STEPS ?= 40
-N_PROMPTS ?= 16
+# 60 prompts per set: the smallest sample at which every default gate can pass (the forget-rate
+# gate needs n >= 59 for 0/n to bound the rate below 0.05; docs/gates.md has the min n table).
+N_PROMPTS ?= 60
 SAE_TOKENS ?= 30000
 ARMS ?= lora-npo reft-graddiff reft-graddiff+sae-gate
 
