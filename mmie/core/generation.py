@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from mmie.core.distributed import World
 from mmie.core.models import LoadedModel, get_decoder, input_device, lm_head, unwrap
@@ -347,8 +348,9 @@ def _token_stats(hidden: torch.Tensor, labels: torch.Tensor, lm: LoadedModel,
     return torch.cat(logps), torch.cat(zs)
 
 
-@torch.inference_mode()
-def _score_batch(lm: LoadedModel, items: Sequence[ScoreItem], chunk: int) -> list[TokenScores]:
+def scored_hidden(lm: LoadedModel, items: Sequence[ScoreItem]) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder pass over a left-padded batch of items: ``(hidden [B, T, d], ids [B, T],
+    target [B, T])``, where ``target`` marks the positions whose next token is scored."""
     ids, mask = left_pad([it.ids for it in items], lm.tokenizer.pad_token_id)
     # positions count real tokens only, so a left-padded row sees the same positions alone
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -356,7 +358,12 @@ def _score_batch(lm: LoadedModel, items: Sequence[ScoreItem], chunk: int) -> lis
     hidden = get_decoder(lm.model)(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    position_ids=positions.to(device),
                                    use_cache=False).last_hidden_state
-    target = _target_mask(items, ids.shape[1])
+    return hidden, ids, _target_mask(items, ids.shape[1])
+
+
+@torch.inference_mode()
+def _score_batch(lm: LoadedModel, items: Sequence[ScoreItem], chunk: int) -> list[TokenScores]:
+    hidden, ids, target = scored_hidden(lm, items)
     labels = torch.zeros_like(ids)
     labels[:, :-1] = ids[:, 1:]
     logp, z = _token_stats(hidden[target.to(hidden.device)], labels[target], lm, chunk)

@@ -189,16 +189,9 @@ def _position_masses(hidden: torch.Tensor, lm, id_sets: list[torch.Tensor],
 @torch.inference_mode()
 def _mass_batch(lm, items: Sequence, id_sets: list[torch.Tensor],
                 chunk: int) -> list[MassScores]:
-    from mmie.core.generation import _target_mask, left_pad
-    from mmie.core.models import get_decoder, input_device
+    from mmie.core.generation import scored_hidden
 
-    ids, mask = left_pad([it.ids for it in items], lm.tokenizer.pad_token_id)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    device = input_device(lm.model)
-    hidden = get_decoder(lm.model)(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   position_ids=positions.to(device),
-                                   use_cache=False).last_hidden_state
-    target = _target_mask(items, ids.shape[1])
+    hidden, _, target = scored_hidden(lm, items)
     masses = _position_masses(hidden[target.to(hidden.device)], lm, id_sets, chunk)
     counts = target.sum(1).tolist()
     return [MassScores(n, tuple(m.mean(0).tolist()) if n else (None,) * len(id_sets))
