@@ -127,3 +127,18 @@ def test_top_level_holds_only_packages():
 @pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")), ids=lambda p: module_name(p))
 def test_no_module_over_limit(path: Path):
     assert len(path.read_text(encoding="utf-8").splitlines()) <= 420
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    from mmie.core.registry import Registry
+
+    reg: Registry[int] = Registry("thing")
+    reg.add("a", 1)
+    with pytest.raises(ValueError, match="thing 'a' is already registered"):
+        reg.add("a", 2)
+    with pytest.raises(ValueError, match="unknown thing 'b'; known: a"):
+        reg.lookup("b")
+    with pytest.raises(KeyError):
+        reg["b"] = 3
+    reg["a"] = 4
+    assert dict(reg) == {"a": 4} and reg.names() == ["a"]

@@ -99,7 +99,7 @@ def test_urls_count_as_nonletters():
 
 
 def test_backend_names_cannot_be_taken_twice():
-    with pytest.raises(ValueError, match="taken"):
+    with pytest.raises(ValueError, match="already registered"):
         lid_backends.register("cld3")(lambda p: None)
     with pytest.raises(ValueError, match="taken"):
         lid_backends.register("romanized")(lambda p: None)

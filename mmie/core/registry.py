@@ -51,6 +51,13 @@ class Registry(Mapping[str, T], Generic[T]):
     def __getitem__(self, name: str) -> T:
         return self._items[name]
 
+    def __setitem__(self, name: str, item: T) -> None:
+        """Replace an existing entry (a test stub, a patched backend); new names go through
+        :meth:`add`, so a typo cannot register a second implementation silently."""
+        if name not in self._items:
+            raise KeyError(f"{self.kind} {name!r} is not registered; use add()")
+        self._items[name] = item
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from mmie.core.artifacts import Artifact, load
 from mmie.core.errors import ArtifactError, MetricError
+from mmie.core.registry import Registry
 from mmie.metrics import definitions as em
 
 Key = tuple[str, int]
@@ -141,7 +142,7 @@ class GateSpec:
     floor: bool = False
 
 
-GATES: dict[str, GateSpec] = {}
+GATES: Registry[GateSpec] = Registry("gate")
 
 
 def register_gate(name: str, direction: Direction, description: str, method: Method, *,
@@ -149,9 +150,7 @@ def register_gate(name: str, direction: Direction, description: str, method: Met
     """Decorator adding an extractor to :data:`GATES`."""
 
     def add(fn: Extractor) -> Extractor:
-        if name in GATES:
-            raise ValueError(f"gate '{name}' is already registered")
-        GATES[name] = GateSpec(name, direction, description, fn, method, per_xlang, floor)
+        GATES.add(name, GateSpec(name, direction, description, fn, method, per_xlang, floor))
         return fn
 
     return add

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmie.core.errors import MmieError
+from mmie.core.registry import Registry
 
 Vote = tuple[str, float]
 Backend = Callable[["Prepared"], "Vote | None"]
@@ -205,19 +206,16 @@ def normalize_code(code: str) -> str:
     return _CODE_MAP.get(code, code)
 
 
-BACKENDS: dict[str, Backend] = {}
+BACKENDS: Registry[Backend] = Registry("LID backend")
 # Key under which results report the romanized-Hindi word share; not a backend name.
 ROMANIZED = "romanized"
 
 
 def register(name: str) -> Callable[[Backend], Backend]:
     """Decorator: make a backend available to :class:`mmie.lid.detect.LidConfig` under ``name``."""
-    def add(fn: Backend) -> Backend:
-        if name in BACKENDS or name == ROMANIZED:
-            raise ValueError(f"LID backend name {name!r} is taken")
-        BACKENDS[name] = fn
-        return fn
-    return add
+    if name == ROMANIZED:
+        raise ValueError(f"LID backend name {name!r} is taken (a result key)")
+    return BACKENDS.decorator(name)
 
 
 def _missing(package: str, exc: ImportError) -> MmieError:
