@@ -1,0 +1,138 @@
+"""Checkpoints chosen on validation: the rule on hand-set curves, the overlap refusal, and a
+tiny-model run that records the curve and saves the chosen step's weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mmie.cli import app
+from mmie.core.artifacts import load
+from mmie.core.errors import DataError
+from mmie.core.models import ModelSpec
+from mmie.edits.adapters import PEFT_WEIGHTS
+from mmie.unlearn.stage import UnlearnConfig, run
+from mmie.unlearn.validation import ValidationConfig, ValTexts, check_disjoint, choose, judge
+from tests.conftest import EN, HI, write_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+UR = ["میں آج بازار جا رہا ہوں", "یہ کتاب بہت اچھی ہے", "بارش کے بعد موسم ٹھنڈا ہو گیا",
+      "ہمارے گاؤں میں ایک پرانا مندر ہے"]
+RULE = ValidationConfig(forget="f", retain="r", protect=(("ur", "u"), ("pa", "p")))
+
+
+def rec(step: int, forget: float, ur: float, pa: float, ppl_ratio: float) -> dict:
+    """A validation record whose retain NLL gives ``ppl_ratio`` against a step-0 NLL of 2."""
+    return {"step": step, "forget_mass": forget, "own_mass": {"ur": ur, "pa": pa},
+            "retain_nll": 2.0 + math.log(ppl_ratio)}
+
+
+CURVE = [rec(0, 0.80, 0.50, 0.40, 1.00),
+         rec(10, 0.50, 0.48, 0.39, 1.02),   # qualifies
+         rec(20, 0.10, 0.40, 0.40, 1.00),   # lowest forget mass, but ur keeps 0.80 < 0.90
+         rec(30, 0.20, 0.50, 0.40, 1.06),   # perplexity ratio 1.06 > 1.05
+         rec(40, 0.30, 0.46, 0.37, 1.049),  # qualifies (ur 0.92, pa 0.925): the lowest of two
+         rec(50, 0.30, 0.50, 0.40, 1.00)]   # same mass as step 40: the earlier step wins
+
+
+def test_synthetic_curve_picks_the_documented_step():
+    choice = choose(CURVE, RULE)
+    assert (choice.step, choice.qualified) == (40, True)
+    judged = judge(CURVE[2], CURVE[0], RULE)
+    assert judged["retention"]["ur"] == pytest.approx(0.8) and not judged["qualified"]
+    assert judge(CURVE[3], CURVE[0], RULE)["retain_ppl_ratio"] == pytest.approx(1.06)
+
+
+def test_no_qualifying_checkpoint_keeps_the_documented_fallback():
+    bad = [CURVE[0], CURVE[2], CURVE[3]]
+    last = choose(bad, RULE)
+    assert (last.step, last.qualified) == (30, False) and "no checkpoint" in last.reason
+    step0 = ValidationConfig(forget="f", retain="r", protect=RULE.protect, fallback="step0")
+    assert choose(bad, step0).step == 0
+    # step 0 is the reference, never a candidate, even though it trivially meets the rule
+    assert choose(CURVE[:1], RULE).qualified is False
+
+
+def test_a_missing_measure_fails_the_rule():
+    gone = {**rec(10, 0.1, 0.5, 0.4, 1.0), "own_mass": {"ur": None, "pa": 0.4}}
+    assert choose([CURVE[0], gone], RULE).qualified is False
+
+
+def test_validation_text_seen_in_training_is_refused():
+    val = ValTexts(forget=["नया वाक्य", HI[3]], retain=[EN[0] + "!"], protect={})
+    c = ValidationConfig(forget="hi_val.jsonl", retain="en_val.jsonl")
+    with pytest.raises(DataError, match=r"hi_val.jsonl: 1 of 2 texts are also training"):
+        check_disjoint(c, val, [*HI, *EN])
+    check_disjoint(c, ValTexts(["नया वाक्य"], [EN[0] + "!"], {}), [*HI, *EN])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("val")
+    out = {"hi": write_jsonl(root / "hi.jsonl", HI[:8]), "en": write_jsonl(root / "en.jsonl",
+                                                                          EN[:8]),
+           "hi_val": write_jsonl(root / "hi_val.jsonl", HI[8:]),
+           "en_val": write_jsonl(root / "en_val.jsonl", EN[8:]),
+           "ur_val": write_jsonl(root / "ur_val.jsonl", UR)}
+    return out
+
+
+def _config(files, **val) -> UnlearnConfig:
+    validation = ValidationConfig(forget=str(files["hi_val"]), retain=str(files["en_val"]),
+                                  protect=(("ur", str(files["ur_val"])),), every=2, **val)
+    return UnlearnConfig(forget=str(files["hi"]), retain=(str(files["en"]),),
+                         model=ModelSpec(name="tiny:llama", device="cpu"), steps=5, lr=1e-2,
+                         batch_size=2, max_length=80, rank=2, checkpoint_every=0,
+                         validation=validation)
+
+
+def test_run_records_the_curve_and_the_chosen_step(files, tmp_path):
+    art = run(_config(files), tmp_path / "a")
+    val = art.metrics["validation"]
+    assert [r["step"] for r in val["curve"]] == [0, 2, 4, 5]  # step 0, every 2, the last
+    assert val["curve"][0]["retain_ppl_ratio"] == pytest.approx(1.0)
+    assert val["chosen_step"] == choose(val["curve"], _config(files).validation).step
+    assert set(val["data"]) == {str(files[k]) for k in ("hi_val", "en_val", "ur_val")}
+    rows = [json.loads(line) for line in art.read_text("validation.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4, 5]
+    assert art.config["validation"]["every"] == 2
+
+
+def test_step0_fallback_saves_the_identity_edit(files, tmp_path):
+    # no checkpoint can keep >= 100% of Urdu's mass and a perplexity ratio <= 1 at lr 1e-2...
+    cfg = _config(files, fallback="step0", min_retention=1.0, max_ppl_ratio=1.0)
+    art = run(cfg, tmp_path / "b")
+    val = art.metrics["validation"]
+    if val["qualified"]:  # ...unless the edit happened to improve both: then it is kept
+        pytest.skip("a checkpoint improved every measure; the fallback is not exercised")
+    assert val["chosen_step"] == 0
+    weights = load_file(str(art.path / PEFT_WEIGHTS))
+    assert all(torch.count_nonzero(w) == 0 for k, w in weights.items() if "lora_B" in k)
+
+
+def test_validation_overlapping_training_is_refused_before_the_model_loads(files, tmp_path):
+    cfg = _config(files)
+    bad = ValidationConfig(forget=str(files["hi"]), retain=str(files["en_val"]))
+    with pytest.raises(DataError, match="also training texts"):
+        run(UnlearnConfig(**{**cfg.to_dict(), "model": cfg.model, "validation": bad}),
+            tmp_path / "c")
+
+
+def test_cli_val_every_writes_the_curve_and_the_chosen_step(files, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, [
+        "unlearn", "--forget", str(files["hi"]), "--retain", str(files["en"]), "--out", str(out),
+        "--model", "tiny:llama", "--device", "cpu", "--steps", "3", "--batch-size", "2",
+        "--max-length", "80", "--val-forget", str(files["hi_val"]), "--val-retain",
+        str(files["en_val"]), "--val-protect", f"ur={files['ur_val']}", "--val-every", "2",
+        "--json"])
+    assert result.exit_code == 0, result.output
+    art = load(out, kind="adapter")
+    assert [r["step"] for r in art.metrics["validation"]["curve"]] == [0, 2, 3]
+    assert json.loads(result.stdout)[0]["chosen_step"] == art.metrics["validation"]["chosen_step"]
