@@ -22,6 +22,10 @@ what training without validation would have saved, so the artifact still shows w
 objective did, flagged as failing the rule) or ``step0`` (the identity edit: an arm that
 changes nothing rather than one that breaks the protected languages).
 
+A measure that is missing fails the rule: a protected language whose token set is empty (a
+byte-level tokenizer with no whole-letter tokens, like the tiny test models') has no
+measurable mass, so no checkpoint qualifies and the fallback is kept, flagged.
+
 Validation texts must be new to training: a validation text whose content hash equals a
 training forget or retain text's is refused (:func:`check_disjoint`).
 """
