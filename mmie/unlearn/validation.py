@@ -32,12 +32,11 @@ training forget or retain text's is refused (:func:`check_disjoint`).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mmie.core.data import read_texts
+from mmie.core.data import read_texts, text_hash
 from mmie.core.errors import DataError
 
 FALLBACKS = ("last", "step0")
@@ -70,7 +69,8 @@ class ValidationConfig:
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "protect", tuple(tuple(p) for p in self.protect))
+        protect = self.protect.items() if isinstance(self.protect, dict) else self.protect
+        object.__setattr__(self, "protect", tuple(tuple(p) for p in protect))
         if not self.forget or not self.retain:
             raise ValueError("validation needs a forget file (--val-forget) and a retain file "
                              "(--val-retain)")
@@ -110,11 +110,6 @@ class ValTexts:
 def read_validation(c: ValidationConfig, field: str) -> ValTexts:
     read = lambda p: read_texts(p, field=field, limit=c.max_samples)  # noqa: E731
     return ValTexts(read(c.forget), read(c.retain), {lang: read(p) for lang, p in c.protect})
-
-
-def text_hash(text: str) -> str:
-    """Content hash of one text (whitespace runs collapsed: a re-wrapped copy is the same)."""
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
 
 
 def check_disjoint(c: ValidationConfig, val: ValTexts, train: Sequence[str]) -> None:
