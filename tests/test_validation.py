@@ -101,6 +101,7 @@ def test_run_records_the_curve_and_the_chosen_step(files, tmp_path):
     assert set(val["data"]) == {str(files[k]) for k in ("hi_val", "en_val", "ur_val")}
     rows = [json.loads(line) for line in art.read_text("validation.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [0, 2, 4, 5]
+    assert (art.path / "validation.png").read_bytes()[:4] == b"\x89PNG"
     assert art.config["validation"]["every"] == 2
 
 

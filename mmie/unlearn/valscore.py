@@ -13,6 +13,7 @@ processes hold identical weights, so they agree on the choice).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -120,7 +121,34 @@ class Keeper:
                    "curve": self.records, "every": self.c.every,
                    "data": file_hashes(self.c.paths()), "token_sets": self.scorer.token_sets}
         rows = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        return metrics, {"validation.jsonl": rows}
+        return metrics, {"validation.jsonl": rows,
+                         "validation.png": plot_png(self.records, choice.step, self.c)}
+
+
+def plot_png(records: list[dict], chosen: int, c: ValidationConfig) -> bytes:
+    """The validation curve: forget mass and each protected language's retention (left),
+    the retain perplexity ratio (right), the thresholds dotted, the kept step dashed."""
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in records]
+    nan = lambda v: math.nan if v is None else v  # noqa: E731  (a gap in the line)
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(steps, [nan(r["forget_mass"]) for r in records], marker="o", label="forget mass")
+    for lang in records[0].get("retention") or {}:
+        left.plot(steps, [nan((r.get("retention") or {}).get(lang)) for r in records],
+                  marker=".", label=f"{lang} own-mass retention")
+    left.axhline(c.min_retention, color="grey", linestyle=":")
+    right.plot(steps, [nan(r["retain_ppl_ratio"]) for r in records], marker="o",
+               color="tab:red")
+    right.axhline(c.max_ppl_ratio, color="grey", linestyle=":")
+    for ax, title in ((left, "validation masses"), (right, "retain perplexity ratio")):
+        ax.axvline(chosen, color="black", linestyle="--", linewidth=0.8)
+        ax.set(title=title, xlabel="step")
+    left.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
 
 
 def start(c: ValidationConfig, lm, adapter, texts: ValTexts, max_length: int,
