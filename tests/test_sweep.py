@@ -150,3 +150,21 @@ def test_the_test_set_is_read_once_for_the_winner_only(files, tmp_path, monkeypa
     assert [json.loads(x)["run"] for x in art.read_text("runs.jsonl").splitlines()] == \
         [r["run"] for r in runs]
     assert json.loads(result.stdout)["winner"] == "r02-lora-lr0.01"
+
+
+def test_default_grid_and_the_alternative_only_where_read(tmp_path):
+    from mmie.cli.sweep import eval_config, unlearn_config
+    from mmie.core.models import ModelSpec
+    from tests.conftest import REPO
+
+    config = load_grid(REPO / "configs" / "sweep.toml")
+    points = config.points()
+    assert len(points) == 12
+    spec = ModelSpec(name="tiny:llama", device="cpu")
+    by_objective = {p.overrides["objective"]: unlearn_config(config, p.overrides, spec)
+                    for p in points}
+    assert by_objective["npo"].alternative is None
+    assert by_objective["redirect"].alternative == "runs/splits/en.train.jsonl"
+    assert dict(by_objective["redirect"].validation.protect)["bn"] == "runs/splits/bn.val.jsonl"
+    test = eval_config(config, tmp_path / "adapter", spec)
+    assert dict(test.xlang)["ur"] == "runs/splits/ur.test.jsonl" and test.n_prompts == 30

@@ -11,7 +11,8 @@ A grid file has four tables::
 The runs are the cartesian product of the axes; an objective's option tables multiply only
 that objective's runs (``redirect`` weights mean nothing to ``npo``), and an objective with
 none listed runs once with its defaults. An axis left out takes the shared setting (``lr``:
-the method's default).
+the method's default). ``[unlearn] alternative`` is given only to the runs whose objective
+reads an alternative text (``redirect``, ``dpo``). ``configs/sweep.toml`` is the default grid.
 """
 
 from __future__ import annotations
