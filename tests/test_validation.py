@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,8 @@ def test_cli_val_every_writes_the_curve_and_the_chosen_step(files, tmp_path):
     assert json.loads(result.stdout)[0]["chosen_step"] == art.metrics["validation"]["chosen_step"]
 
 
-def test_the_saved_weights_are_the_chosen_steps(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "reft"])
+def test_the_saved_weights_are_the_chosen_steps(files, tmp_path, monkeypatch, method):
     """Measures scripted by hand (the tiny byte-level tokenizer has no whole-letter tokens, so
     its token sets are empty): the rule picks step 4, whose weights must be the ones saved."""
     from mmie.core.models import loaded
@@ -156,7 +158,7 @@ def test_the_saved_weights_are_the_chosen_steps(files, tmp_path, monkeypatch):
                 "retain_nll": nll, "seconds": 0.0}
 
     monkeypatch.setattr(Scorer, "measure", measure)
-    art = run(_config(files), tmp_path / "d")
+    art = run(replace(_config(files), method=method, lr=None), tmp_path / "d")
     val = art.metrics["validation"]
     assert (val["chosen_step"], val["qualified"]) == (4, True)
     assert [r["qualified"] for r in val["curve"]] == [False, True, True, False]
@@ -165,3 +167,16 @@ def test_the_saved_weights_are_the_chosen_steps(files, tmp_path, monkeypatch):
     assert saved.keys() == seen[2].keys()
     assert all(torch.equal(saved[k], seen[2][k]) for k in saved)
     assert not all(torch.equal(saved[k], seen[3][k]) for k in saved)
+
+
+def test_validation_leaves_training_unchanged(files, tmp_path):
+    """Scoring reads the model without gradients or random draws: with the ``last`` adapter
+    kept (no checkpoint qualifies on the tiny tokenizer), the weights are those of a run
+    without validation, bit for bit."""
+    cfg = _config(files)
+    with_val = run(cfg, tmp_path / "with")
+    without = run(replace(cfg, validation=None), tmp_path / "without")
+    assert with_val.metrics["validation"]["chosen_step"] == cfg.steps
+    a, b = (load_file(str(p.path / PEFT_WEIGHTS)) for p in (with_val, without))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "validation" not in without.metrics
