@@ -180,3 +180,43 @@ def test_validation_leaves_training_unchanged(files, tmp_path):
     a, b = (load_file(str(p.path / PEFT_WEIGHTS)) for p in (with_val, without))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "validation" not in without.metrics
+
+
+def test_scorer_means_each_languages_own_column(files, monkeypatch):
+    """With hand-set token sets (the tiny tokenizer's own are empty) the scorer's numbers are
+    the per-text means of :func:`mass_scores` over each language's own items."""
+    import mmie.unlearn.valscore as valscore
+    from mmie.core.generation import score, text_items
+    from mmie.core.models import loaded
+    from mmie.lid.mass import TokenSet, mass_scores
+    from mmie.unlearn.validation import read_validation
+
+    c = _config(files).validation
+    texts = read_validation(c, "text")
+    with loaded(ModelSpec(name="tiny:llama", device="cpu")) as lm:
+        n = len(lm.tokenizer)
+        sets = {"hi": TokenSet("hi", "Deva", tuple(range(0, n, 2)), 1),
+                "ur": TokenSet("ur", "Arab", tuple(range(1, n, 3)), 1)}
+        monkeypatch.setattr(valscore, "build_token_sets", lambda tok, langs: sets)
+        scorer = valscore.Scorer(lm, c, texts, max_length=80, batch_size=3)
+
+        class Identity:  # no edit: the base model
+            def edits(self):
+                from contextlib import nullcontext
+                return nullcontext()
+
+        got = scorer.measure(Identity())
+        ids = [sets["hi"].ids, sets["ur"].ids]
+        direct = mass_scores(lm, scorer.items, ids, batch_size=1)
+        owners = scorer.owner
+        hi = [d.mass[0] for d, k in zip(direct, owners, strict=True) if k == 0]
+        ur = [d.mass[1] for d, k in zip(direct, owners, strict=True) if k == 1]
+        leak = [d.mass[0] for d, k in zip(direct, owners, strict=True) if k == 1]
+        assert len(hi) == len(texts.forget) and len(ur) == len(texts.protect["ur"])
+        assert got["forget_mass"] == pytest.approx(sum(hi) / len(hi), rel=1e-5)
+        assert got["own_mass"]["ur"] == pytest.approx(sum(ur) / len(ur), rel=1e-5)
+        assert got["leakage"]["ur"] == pytest.approx(sum(leak) / len(leak), rel=1e-5)
+        scores = score(lm, text_items(lm, texts.retain, 80))
+        nll = sum(s.nll_sum for s in scores) / sum(s.n_tokens for s in scores)
+        assert got["retain_nll"] == pytest.approx(nll, rel=1e-5)
+        assert 0 < got["forget_mass"] < 1
