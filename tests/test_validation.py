@@ -220,3 +220,39 @@ def test_scorer_means_each_languages_own_column(files, monkeypatch):
         nll = sum(s.nll_sum for s in scores) / sum(s.n_tokens for s in scores)
         assert got["retain_nll"] == pytest.approx(nll, rel=1e-5)
         assert 0 < got["forget_mass"] < 1
+
+
+HI_NEW = ["आज शाम को हम नदी के किनारे टहलने गए", "मेरी बहन डॉक्टर बनना चाहती है",
+          "बाज़ार में आम बहुत सस्ते मिल रहे थे"]
+EN_NEW = ["We walked along the river this evening", "My sister wants to become a doctor",
+          "Mangoes were very cheap in the market"]
+
+
+def test_validation_under_two_processes_matches_one(files, tmp_path):
+    """Under torchrun every process scores the whole split on its own (no collective): the
+    run finishes, and its curve and kept step are the one-process run's."""
+    import torch.distributed as dist
+
+    from tests.test_unlearn_ddp import launch
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    hv, ev = write_jsonl(tmp_path / "hv.jsonl", HI_NEW), write_jsonl(tmp_path / "ev.jsonl", EN_NEW)
+    args = ["-m", "mmie", "unlearn", "--model", "tiny:llama", "--device", "cpu", "--forget",
+            str(files["hi"]), "--retain", str(files["en"]), "--steps", "3", "--batch-size", "2",
+            "--max-length", "80", "--rank", "2", "--lr", "1e-2", "--checkpoint-every", "0",
+            "--val-forget", str(hv), "--val-retain", str(ev), "--val-protect",
+            f"ur={files['ur_val']}", "--val-every", "2", "--out", str(tmp_path / "ddp")]
+    got = launch(tmp_path, args, "val")
+    assert got.returncode == 0, f"{got.output}\n{got.stderr}"
+    two = load(tmp_path / "ddp", kind="adapter")
+    cfg = _config(files)
+    cfg = replace(cfg, steps=3, validation=replace(cfg.validation, forget=str(hv),
+                                                   retain=str(ev)))
+    one = run(cfg, tmp_path / "one")
+    assert two.metrics["processes"] == 2
+    a, b = (x.metrics["validation"] for x in (one, two))
+    assert a["chosen_step"] == b["chosen_step"]
+    assert [r["step"] for r in b["curve"]] == [0, 2, 3]
+    for ra, rb in zip(a["curve"], b["curve"], strict=True):
+        assert rb["retain_nll"] == pytest.approx(ra["retain_nll"], rel=1e-4)
