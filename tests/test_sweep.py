@@ -168,3 +168,13 @@ def test_default_grid_and_the_alternative_only_where_read(tmp_path):
     assert dict(by_objective["redirect"].validation.protect)["bn"] == "runs/splits/bn.val.jsonl"
     test = eval_config(config, tmp_path / "adapter", spec)
     assert dict(test.xlang)["ur"] == "runs/splits/ur.test.jsonl" and test.n_prompts == 30
+
+
+def test_a_grid_without_validation_is_a_usage_error(files, tmp_path):
+    grid = tmp_path / "g.toml"
+    text = grid_text(files)
+    grid.write_text(text[:text.index("[validation]")] + text[text.index("[test]"):])
+    result = CliRunner().invoke(app, ["sweep", str(grid), "--out", str(tmp_path / "s"),
+                                      "--model", "tiny:llama"])
+    assert result.exit_code == 2 and "'validation' table" in result.output
+    assert not (tmp_path / "s.runs").exists()  # refused before any run

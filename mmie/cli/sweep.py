@@ -41,7 +41,7 @@ def build(kind: type, settings: dict, table: str):
     try:
         return kind(**settings)
     except TypeError as exc:
-        raise ValueError(f"[{table}]: {exc}") from None
+        raise ValueError(f"the grid file's '{table}' table: {exc}") from None
 
 
 def unlearn_config(config, overrides: dict, spec):

@@ -70,12 +70,14 @@ def _fmt(value) -> str:
 
 def _table(summaries: list[dict]) -> Table:
     table = Table(title="mmie unlearn")
-    for column in ("artifact", "kind", "seed", "steps", "first loss", "final loss", "s/step"):
+    for column in ("artifact", "kind", "seed", "steps", "first loss", "final loss", "s/step",
+                   "kept step"):
         table.add_column(column)
     for s in summaries:
+        kept = s.get("chosen_step")
         table.add_row(s["path"], s["kind"], str(s.get("seed")), str(s.get("steps", "-")),
                       _fmt(s.get("first_loss")), _fmt(s.get("final_loss")),
-                      _fmt(s.get("seconds_per_step")))
+                      _fmt(s.get("seconds_per_step")), "last" if kept is None else str(kept))
     return table
 
 

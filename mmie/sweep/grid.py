@@ -56,15 +56,15 @@ class SweepConfig:
     def __post_init__(self) -> None:
         for name in ("unlearn", "validation", "test"):
             if not getattr(self, name):
-                raise ValueError(f"the grid file needs an [{name}] table")
+                raise ValueError(f"the grid file needs a '{name}' table")
         for key in ("forget", "retain"):
             for name in ("validation", "test"):
                 if not getattr(self, name).get(key):
-                    raise ValueError(f"[{name}] needs '{key}'")
+                    raise ValueError(f"the grid file's '{name}' table needs '{key}'")
         unknown = [a for a, _ in self.axes if a not in AXES]
         if unknown:
             raise ValueError(f"unknown grid axis {', '.join(unknown)} (axes: {', '.join(AXES)}, "
-                             "and [grid.objective_options])")
+                             "and the grid.objective_options table)")
         if any(not values for _, values in self.axes):
             raise ValueError("every grid axis needs at least one value")
         if len(self.points()) < 1:

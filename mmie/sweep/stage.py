@@ -47,7 +47,7 @@ def run_row(point: Point, adapter: Artifact) -> dict:
     val = adapter.metrics.get("validation")
     if not val:
         raise ArtifactError(f"{adapter.path}: no validation record (a sweep trains every run "
-                            "with its [validation] split)")
+                            "with the grid's validation split)")
     chosen, curve = val["chosen"], adapter.metrics.get("curve", [])
     retention = [r for r in (chosen.get("retention") or {}).values() if r is not None]
     return {"run": point.name, "settings": point.overrides, "adapter": str(adapter.path),
