@@ -59,3 +59,22 @@ full: $(STAMP)
 	$(MAKE) --no-print-directory pipeline OUT=$(if $(filter command line,$(origin OUT)),$(OUT),runs/full)
 clean-demo:
 	rm -rf $(OUT)
+
+# Validation-chosen checkpoints and the sweep (README: "Choosing on validation"). `splits` cuts
+# the line-aligned sample files into train (lines 1-160), validation (161-190) and test
+# (191-220); `sweep` runs configs/sweep.toml on them (the test split is read once, for the
+# winner). The default grid's run time on the default model is not measured.
+SPLITS := runs/splits
+SPLIT_LANGS := hi en ur pa bn hi_latn
+$(SPLITS)/.done: $(foreach l,$(SPLIT_LANGS),$(DATA)/$(l).jsonl)
+	mkdir -p $(SPLITS)
+	for l in $(SPLIT_LANGS); do \
+	  sed -n 1,160p $(DATA)/$$l.jsonl > $(SPLITS)/$$l.train.jsonl; \
+	  sed -n 161,190p $(DATA)/$$l.jsonl > $(SPLITS)/$$l.val.jsonl; \
+	  sed -n 191,220p $(DATA)/$$l.jsonl > $(SPLITS)/$$l.test.jsonl; \
+	done
+	touch $@
+splits: $(SPLITS)/.done
+sweep: $(STAMP) $(SPLITS)/.done
+	$(MMIE) sweep configs/sweep.toml --model $(MODEL) --out $(OUT)/sweep $(SWEEP_OPTS)
+.PHONY: splits sweep

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mmie"
 # package never imports another stage: it reads that stage's artifact instead.
 RANK = {"mmie": 0, "core": 0, "lid": 1, "sae": 1, "edits": 2, "metrics": 2, "cli": 4}
 STAGES = ("layers", "train_sae", "unlearn", "evaluate", "gate", "neurons", "report", "datacheck",
-          "depth")
+          "depth", "sweep")
 RANK.update({stage: 3 for stage in STAGES})
 
 

@@ -40,6 +40,18 @@ def _modules(items: list[str] | None) -> tuple[str, ...] | None:
     return tuple(names) or None
 
 
+def validation_config(forget: str | None, retain: str | None, protect: list[str] | None,
+                      every: int, fallback: str):
+    """The --val-* options as a ValidationConfig (None when none is given)."""
+    from mmie.unlearn.validation import ValidationConfig
+
+    if forget is None and retain is None and not protect:
+        return None
+    return ValidationConfig(forget=forget or "", retain=retain or "",
+                            protect=parse_pairs(protect, "--val-protect", "LANG=FILE"),
+                            every=every, fallback=fallback)
+
+
 def describe(artifact) -> dict:
     """A short summary of an ``adapter`` (or ``scrub``) artifact."""
     curve = artifact.metrics.get("curve") or [{}]
@@ -48,7 +60,8 @@ def describe(artifact) -> dict:
             "objective": artifact.config.get("objective"),
             "steps": len(artifact.metrics.get("curve", [])),
             "first_loss": curve[0].get("loss"), "final_loss": curve[-1].get("loss"),
-            "seconds_per_step": artifact.metrics.get("seconds_per_step")}
+            "seconds_per_step": artifact.metrics.get("seconds_per_step"),
+            "chosen_step": (artifact.metrics.get("validation") or {}).get("chosen_step")}
 
 
 def _fmt(value) -> str:
@@ -57,12 +70,14 @@ def _fmt(value) -> str:
 
 def _table(summaries: list[dict]) -> Table:
     table = Table(title="mmie unlearn")
-    for column in ("artifact", "kind", "seed", "steps", "first loss", "final loss", "s/step"):
+    for column in ("artifact", "kind", "seed", "steps", "first loss", "final loss", "s/step",
+                   "kept step"):
         table.add_column(column)
     for s in summaries:
+        kept = s.get("chosen_step")
         table.add_row(s["path"], s["kind"], str(s.get("seed")), str(s.get("steps", "-")),
                       _fmt(s.get("first_loss")), _fmt(s.get("final_loss")),
-                      _fmt(s.get("seconds_per_step")))
+                      _fmt(s.get("seconds_per_step")), "last" if kept is None else str(kept))
     return table
 
 
@@ -130,6 +145,20 @@ def unlearn_cmd(
     field: FieldOpt = "text",
     scrub_whiten: Annotated[bool, typer.Option(
         "--scrub-whiten", help="--method scrub: LEACE-style whitened eraser.")] = False,
+    val_forget: Annotated[str | None, typer.Option(
+        "--val-forget", help="Held-out forget-language texts: with --val-retain, score the "
+                             "edit every --val-every steps and save the checkpoint the "
+                             "validation rule picks (README: validation-chosen checkpoints).")
+    ] = None,
+    val_retain: Annotated[str | None, typer.Option(
+        "--val-retain", help="Held-out retain texts whose perplexity ratio must stay <= 1.05.")
+    ] = None,
+    val_protect: Annotated[list[str] | None, typer.Option(
+        "--val-protect", help="LANG=FILE held-out texts of a protected language (must keep "
+                              ">= 0.90 of its step-0 own-language mass); repeat.")] = None,
+    val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 10,
+    val_fallback: Annotated[str, typer.Option(
+        help="Adapter kept when no checkpoint meets the rule: last or step0.")] = "last",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     blocks_path: BlocksPathOpt = None,
@@ -157,7 +186,9 @@ def unlearn_cmd(
             alpha=alpha, target_modules=_modules(target_modules) or LORA_TARGETS, gate=gate,
             gate_weight=gate_weight, reft_kind=reft_kind, curriculum=curriculum,
             checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm,
-            max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative)
+            max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative,
+            validation=validation_config(val_forget, val_retain, val_protect, val_every,
+                                         val_fallback))
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

@@ -178,3 +178,11 @@ def batched(items: Sequence, size: int):
         raise ValueError(f"batch size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def text_hash(text: str) -> str:
+    """Content hash of one text, whitespace runs collapsed (a re-wrapped copy is the same
+    text): how held-out splits are checked against training texts."""
+    import hashlib
+
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()

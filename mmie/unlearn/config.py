@@ -13,6 +13,7 @@ from mmie.core import losses
 from mmie.core.models import ModelSpec
 from mmie.edits.adapters import LORA_TARGETS, METHODS, AdapterSpec
 from mmie.unlearn.objectives import get_objective, get_retain_loss, objective_names
+from mmie.unlearn.validation import ValidationConfig
 
 # every trainable edit (mmie.edits.adapters), and "scrub": a fitted direction, no training
 METHOD_NAMES = (*METHODS, "scrub")
@@ -56,6 +57,8 @@ class UnlearnConfig:
     alternative: text file line-aligned with ``forget``: what each forget prompt should be
         continued with instead (``redirect``, ``dpo``); None: the fallback of
         :mod:`mmie.unlearn.pairs` (the first retain set's texts).
+    validation: the validation split and the rule that picks the saved checkpoint
+        (:mod:`mmie.unlearn.validation`); None: the last step's edit is saved.
     """
 
     forget: str
@@ -88,8 +91,13 @@ class UnlearnConfig:
     chunk_size: int = losses.DEFAULT_CHUNK_SIZE
     scrub_whiten: bool = False
     alternative: str | None = None
+    validation: ValidationConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.validation, dict):  # e.g. read back from a manifest or a TOML file
+            object.__setattr__(self, "validation", ValidationConfig(**self.validation))
+        if self.validation is not None and self.method == "scrub":
+            raise ValueError("--val-* options apply to trained edits (lora, reft), not scrub")
         for name in ("retain", "target_modules", "objective_options", "retain_options",
                      "retain_weights"):
             object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, list) else x

@@ -46,7 +46,7 @@ import torch
 from mmie.core.artifacts import Artifact, content_hash, load, save, sha256_file
 from mmie.core.data import read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
-from mmie.core.errors import ArtifactError, DataError
+from mmie.core.errors import ArtifactError, DataError, MmieError
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.provenance import (
@@ -74,6 +74,9 @@ from mmie.unlearn.data import (
 from mmie.unlearn.pairs import Alternatives, Rows, build_rows, read_aligned
 from mmie.unlearn.pairs import choose as choose_alternatives
 from mmie.unlearn.train import Loop, Plan, Trainer, make_accelerator, train
+from mmie.unlearn.validation import ValTexts, check_disjoint, read_validation
+from mmie.unlearn.valscore import Keeper
+from mmie.unlearn.valscore import start as start_validation
 
 __all__ = ["UnlearnConfig", "checkpoint_dir", "load_adapter", "parse_options", "prepare", "run",
            "run_seeds"]
@@ -86,6 +89,7 @@ class TextData:
     forget: list[str]
     retain: list[list[str]]  # one list per retain set
     alternative: Alternatives | None = None  # one per forget text (redirect, dpo)
+    validation: ValTexts | None = None  # held out: never a training text
 
     def records(self, c: UnlearnConfig) -> dict:
         weights = c.set_weights()
@@ -112,7 +116,11 @@ def read_data(c: UnlearnConfig) -> TextData:
     retain = [read_texts(p, field=c.field, limit=c.max_samples) for p in c.retain]
     wanted = c.method != "scrub" and c.build_objective(layer=0).needs.alternative
     alt = choose_alternatives(given, c.alternative, retain, len(forget)) if wanted else None
-    return TextData(forget, retain, alt)
+    val = None
+    if c.validation:
+        val = read_validation(c.validation, c.field)
+        check_disjoint(c.validation, val, [*forget, *(t for s in retain for t in s)])
+    return TextData(forget, retain, alt, val)
 
 
 # --- preparing a run ---------------------------------------------------------------------------
@@ -234,7 +242,7 @@ def _metrics(curve: list[dict], resumed: int, prepared: Prepared, data: TextData
 
 
 def _save(c: UnlearnConfig, out: Path, lm: LoadedModel, prepared: Prepared, metrics: dict,
-          parent: Artifact | None, force: bool) -> Artifact:
+          parent: Artifact | None, force: bool, files: dict | None = None) -> Artifact:
     payload = prepared.adapter.payload()
     config = {**c.to_dict(), "adapter": prepared.adapter.spec.to_dict(), "layers_used":
               prepared.layers, "rank": c.method_rank(), "lr": c.method_lr(),
@@ -242,7 +250,7 @@ def _save(c: UnlearnConfig, out: Path, lm: LoadedModel, prepared: Prepared, metr
               **prepared.options}
     return save(out, "adapter", tensors=payload.tensors, writer=payload.writer, config=config,
                 model=lm.identity, parents=[parent.path] if parent else [], metrics=metrics,
-                force=force)
+                files=files or {}, force=force)
 
 
 def _complete(out: Path) -> Artifact | None:
@@ -296,18 +304,24 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
     data = read_data(c)
     parent = load(c.layers, kind="layers") if c.layers else None
     ckpt, main = checkpoint_dir(out), world().main
+    if c.validation and resume and ckpt.is_dir():
+        raise MmieError(f"{ckpt}: --resume of a run with validation is not supported (the "
+                        "best checkpoint so far is kept in memory); rerun without --resume")
     with loaded(c.model) as lm:
         prepared = prepare(c, lm, data, parent)
         try:
+            keeper = _keeper(c, lm, prepared, data)
             desc = f"unlearn {c.method}-{c.objective} seed {c.seed}"
-            loop = Loop(c.steps, c.method_lr(), c.checkpoint_every, ckpt,
-                        _identity(c, lm), desc, main)
+            loop = Loop(c.steps, c.method_lr(), c.checkpoint_every, ckpt, _identity(c, lm),
+                        desc, main, keeper, c.validation.every if c.validation else 0)
             curve, resumed = train(prepared.trainer, loop, resume, progress)
-            metrics = _metrics(curve, resumed, prepared, data, c)
+            metrics, files = _metrics(curve, resumed, prepared, data, c), {}
+            if keeper is not None:  # puts the chosen checkpoint's weights back
+                metrics["validation"], files = keeper.finish()
             if prepared.trainer.sharded:  # every process, before rank 0 writes
                 unlearn_fsdp.gather_trainable(prepared.adapter)
             artifact = main_writes(lambda: _save(c, out, lm, prepared, metrics, parent,
-                                                 force or resume),
+                                                 force or resume, files),
                                    lambda: load(out, kind="adapter"), str(out))
         finally:
             prepared.trainer.close()
@@ -315,6 +329,14 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
     if main:
         shutil.rmtree(ckpt, ignore_errors=True)
     return artifact
+
+
+def _keeper(c: UnlearnConfig, lm: LoadedModel, prepared: Prepared,
+            data: TextData) -> Keeper | None:
+    if c.validation is None:
+        return None
+    return start_validation(c.validation, lm, prepared.adapter, data.validation, c.max_length,
+                            max(16, c.batch_size), prepared.trainer.sharded)
 
 
 def run_scrub(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,6 +377,8 @@ class Loop:
     identity: dict         # run_identity(...) of the run's settings
     desc: str
     main: bool = True      # this process writes checkpoints (rank 0 under a launcher)
+    validate: Callable[[int], None] | None = None  # called at step 0, every N and the last
+    validate_every: int = 0
 
 
 def train(trainer: Trainer, loop: Loop, resume: bool, progress) -> tuple[list[dict], int]:
@@ -385,6 +388,8 @@ def train(trainer: Trainer, loop: Loop, resume: bool, progress) -> tuple[list[di
     for group in trainer.optimizer.param_groups:
         group["lr"] = loop.lr  # a resumed run may lower the learning rate
     resumed = len(curve)
+    if loop.validate and not resumed:
+        loop.validate(0)  # the unedited reference the validation rule compares to
     with progress.task(loop.desc, total=loop.steps) as task:
         task.advance(resumed)
         for step in range(resumed, loop.steps):
@@ -397,5 +402,7 @@ def train(trainer: Trainer, loop: Loop, resume: bool, progress) -> tuple[list[di
             if loop.main and loop.checkpoint_every and done % loop.checkpoint_every == 0 \
                     and done < loop.steps:
                 save_checkpoint(ckpt, trainer, curve, loop.identity)
+            if loop.validate and (done % loop.validate_every == 0 or done == loop.steps):
+                loop.validate(done)
             task.advance(**{k: record[k] for k in SHOWN if k in record})
     return curve, resumed
