@@ -10,6 +10,7 @@ onto the pivot language as well as before, whatever its output says.
 from __future__ import annotations
 
 from mmie.core.artifacts import Artifact
+from mmie.metrics.depth import retrieval_ratio
 from mmie.report.html import artifact_png, figure_png, fit_scale, img_tag, table
 
 
@@ -72,7 +73,7 @@ def comprehension_rows(art: Artifact) -> list[list]:
     for lang, by_block in base.items():
         for block, cell in sorted(by_block.items(), key=lambda kv: int(kv[0])):
             mine = arm.get(lang, {}).get(block)
-            ratio = (mine["top1"] / cell["top1"]) if mine and cell["top1"] else None
+            ratio = retrieval_ratio(mine["top1"], cell["top1"]) if mine else None
             rows.append([m.get("arm_name", "base"), lang + (" (forget)" if lang == m.get(
                 "forget") else ""), int(block), cell["top1"], "-" if not mine else mine["top1"],
                 "-" if ratio is None else f"{ratio:.3g}",
