@@ -19,7 +19,7 @@ def _interval(cell: dict) -> str:
         return f"missing ({cell.get('missing', 'not recorded')})"
     if "low" in cell and "high" in cell:
         return f"{cell['value']:.3g} [{cell['low']:.3g}, {cell['high']:.3g}]"
-    return f"{cell['value']:.3g} (no interval: {cell.get('missing_interval', '?')})"
+    return f"{cell['value']:.3g} (no interval: {cell.get('missing_interval', 'not recorded')})"
 
 
 def _value(curves: dict, run: str, metric: str, step: str) -> object:
@@ -77,7 +77,7 @@ def comprehension_rows(art: Artifact) -> list[list]:
             rows.append([m.get("arm_name", "base"), lang + (" (forget)" if lang == m.get(
                 "forget") else ""), int(block), cell["top1"], "-" if not mine else mine["top1"],
                 "-" if ratio is None else f"{ratio:.3g}",
-                _interval(change[lang][block]) if lang in change else "-",
+                _interval(change[lang][block]) if block in change.get(lang, {}) else "-",
                 f"{cell.get('chance_top1', float('nan')):.3g}"])
     return rows
 
