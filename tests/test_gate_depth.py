@@ -167,6 +167,8 @@ def test_gate_cli_depth_options_and_report_section(tmp_path):
     assert "Depth: is it gone or hidden?" in page and "sae_gate" in page
     assert "0.75 [0.65, 0.85]" in page  # recovery at step 20, as recorded
     assert "<td>0.25</td>" in page  # retrieval ratio at block 2: 0.1 / 0.4
+    answer = page[page.index('<section id="answer">'):page.index("</section>")]
+    assert "depth: relearn recovery, retrieval ratio" in answer and "retrieval 0.25 [" in answer
 
 
 def report_page(tmp_path: Path) -> str:

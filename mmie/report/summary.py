@@ -129,6 +129,8 @@ def headline(arms: Sequence[Arm], report: dict) -> str:
     header = ["arm", "decision", f"{forget} rate on {forget} prompts",
               *(f"{lang_name(s.removeprefix('xlang:'))} own rate" for s in xsets),
               f"{retain} perplexity ratio", f"what replaced {forget}"]
+    depth = bool(report.get("depth"))
+    header += ["depth: relearn recovery, retrieval ratio"] if depth else []
     rows = []
     for arm in arms:
         own = [_rate_text(share(r.get("is_own") for r in arm.of_set(s)),
@@ -137,11 +139,25 @@ def headline(arms: Sequence[Arm], report: dict) -> str:
         rows.append([arm.name, _decision(arm.name, report),
                      _rate_text(share(r.get("is_forget") for r in arm.of_set("forget"))),
                      *own, "1 (reference)" if arm is base else ppl_ratio(arm, base),
-                     replaced(arm)])
+                     replaced(arm), *([depth_text(arm.name, report)] if depth else [])])
     return table(header, rows, cls="answer")
 
 
 CUT = "insufficient evidence: "
+
+
+def depth_text(arm: str, report: dict) -> str:
+    """The depth gates' estimates with their intervals (gate.json), or why they are absent."""
+    parts = []
+    for gate in ("relearn_recovery", "retrieval_ratio"):
+        g = next((g for g in report.get("gates", []) if g["arm"] == arm and g["gate"] == gate),
+                 None)
+        if g is None or g.get("estimate") is None:
+            continue
+        ci = g.get("ci") or {}
+        parts.append(f"{gate.split('_')[0]} {g['estimate']:.2f}"
+                     + (f" [{ci['low']:.2f}, {ci['high']:.2f}]" if ci else ""))
+    return "; ".join(parts) or "-"
 
 
 def _first_clause(reason: str) -> str:
