@@ -172,3 +172,16 @@ def test_report_renders_in_chromium(tmp_path):
     viewport = float(re.search(r'data-viewport="([\d.]+)"', dom).group(1))
     assert 0 < bottom <= viewport, f"the answer ends at {bottom}px, below the first screen"
     assert "STOP" in _answer(dom) and "Hindi rate on Hindi prompts" in _answer(dom)
+
+
+def test_answer_pools_seeds(tmp_path):
+    _run_folder(tmp_path / "run")
+    save(tmp_path / "run" / "eval-lora-npo-2", "eval", tensors={},
+         config={"arm": "lora-npo", "seed": 2, "forget_lang": "hi", "retain_lang": "en"},
+         model=None, metrics={"retain_ppl": {"value": 14.0, "n": 10}},
+         files={"samples.jsonl": _samples(["en"] * 10, 10)})
+    page = run(ReportConfig((str(tmp_path / "run"),), str(tmp_path / "r.html"))).read_text()
+    answer = _answer(page)
+    # seeds 1 and 2 pooled: 1 of 20 in Hindi, Punjabi 15 of 20 (base 10 of 10)
+    assert "0.05 (n=20)" in answer and "0.75 (n=20), 75% of base" in answer
+    assert "1.3<" in answer  # mean of 12 / 10 and 14 / 10
