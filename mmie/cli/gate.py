@@ -86,21 +86,37 @@ def gate_cmd(
              "gate).")] = "en",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = 10000,
     seed: SeedOpt = 0,
+    relearn: Annotated[list[Path] | None, typer.Option(
+        "--relearn", help="A `mmie relearn` artifact of a gated arm (tied to it by its recorded "
+                          "arm name); adds the relearn_recovery gate. Repeat per arm.")] = None,
+    comprehension: Annotated[list[Path] | None, typer.Option(
+        "--comprehension", help="A `mmie comprehension` artifact of a gated arm; adds the "
+                                "retrieval_ratio gate. Repeat per arm.")] = None,
+    relearn_step: Annotated[int, typer.Option(
+        help="Attack steps after which relearn_recovery is judged (in the schedule).")] = 20,
+    relearn_metric: Annotated[str, typer.Option(
+        help="Recovery of 'nll' or 'script_mass' on held-out forget texts.")] = "nll",
+    retrieval_block: Annotated[int | None, typer.Option(
+        help="Block of retrieval_ratio (default: where the base model retrieves the forget "
+             "language best).", show_default=False)] = None,
     stop_exit_code: Annotated[int | None, typer.Option(
         help="Exit with this code when some arm is STOP (default: exit 0 either way).")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Exact and BCa bounds per gate, PROCEED/STOP per arm over seeds (docs/gates.md)."""
+    from mmie.gate.depth import DepthSettings
     from mmie.gate.stage import STOP, GateConfig, run
 
     def body():
         if config is not None and not config.is_file():
             raise MmieError(f"--config {config}: no such file (a TOML file of gate thresholds)")
+        depth = DepthSettings(relearn_step, relearn_metric, retrieval_block)
         settings = GateConfig.from_toml(config, alpha=alpha, n_boot=n_boot, seed=seed,
-                                        replacement_lang=replacement_lang)
+                                        replacement_lang=replacement_lang, depth=depth)
         return run(settings, baseline, [*evals, *(more_evals or [])], out, force=force,
-                   progress=progress())
+                   progress=progress(), relearn=relearn or [],
+                   comprehension=comprehension or [])
 
     artifact = run_guarded(body)
     report = json.loads(artifact.read_text("gate.json"))

@@ -21,6 +21,7 @@ import numpy as np
 
 from mmie.core.errors import MetricError
 from mmie.core.stats import bootstrap_statistic
+from mmie.metrics import depth as metric_depth
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,8 @@ class Sums:
 
 def recovery_fraction(arm_before: Sums, arm_after: Sums, base: Sums, idx=None) -> np.ndarray:
     """The module's formula on texts ``idx`` (all when None); NaN where nothing was removed."""
-    before = arm_before.value(idx)
-    removed = before - base.value(idx)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = (before - arm_after.value(idx)) / removed
-    return np.where(removed == 0, np.nan, out)
+    return metric_depth.recovery_fraction(arm_before.value(idx), arm_after.value(idx),
+                                          base.value(idx))
 
 
 def recovery_interval(arm_before: Sums, arm_after: Sums, base: Sums, *, n_boot: int = 2000,

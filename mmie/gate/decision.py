@@ -156,7 +156,8 @@ def _evidence(spec: GateSpec, xset: str | None, seeds: Mapping[int, EvalRecords]
         try:
             found[s] = spec.extract(rec, base, xset, context)
         except MetricError as exc:
-            raise MetricError(f"seed {s}: {exc}") from exc
+            # a depth artifact is keyed by its kind, not a seed: its message says where
+            raise MetricError(f"seed {s}: {exc}" if isinstance(s, int) else str(exc)) from exc
     return found
 
 

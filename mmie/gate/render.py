@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from mmie.core.plotting import fit_scale
+
 PASS, FAIL, REPORT, NOT_INFORMATIVE = "PASS", "FAIL", "REPORT", "NOT INFORMATIVE"
 
 
@@ -65,8 +67,12 @@ def _forest_panel(ax, rows: list[dict], arms: list[str]) -> None:
         err = None if ci is None else [[max(est - ci["low"], 0)], [max(ci["high"] - est, 0)]]
         ax.errorbar(est, y, xerr=err, fmt="o", color=_COLORS[g["decision"]], capsize=3)
     threshold = rows[0]["threshold"]
-    for t in threshold if isinstance(threshold, (list, tuple)) else [threshold]:
+    marks = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
+    for t in marks:
         ax.axvline(t, linestyle="--", color="black", linewidth=0.8)
+    if rows[0]["method"] != "proportion":  # rates live in [0, 1]: linear is their scale
+        fit_scale(ax, marks + [v for g in rows for v in (g["estimate"], *(
+            (g["ci"]["low"], g["ci"]["high"]) if g["ci"] else ()))], axis="x")
     ax.set_yticks(range(len(arms)), arms, fontsize=7)
     ax.set_ylim(len(arms) - 0.5, -0.5)
     ax.set_title(f"{rows[0]['gate']}  ({threshold_text(rows[0])})", loc="left", fontsize=8)

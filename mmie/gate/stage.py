@@ -13,12 +13,12 @@ import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mmie.core import provenance
-from mmie.core.artifacts import Artifact, save
+from mmie.core.artifacts import Artifact, load, save
 from mmie.core.progress import SILENT, Progress
 from mmie.gate import forward  # noqa: F401  (registers the forward-only gates)
 from mmie.gate.decision import (  # noqa: F401  (re-exported: the stage's public names)
@@ -35,6 +35,7 @@ from mmie.gate.decision import (  # noqa: F401  (re-exported: the stage's public
     min_n,
     verdicts,
 )
+from mmie.gate.depth import SOURCES, DepthContext, DepthSettings, describe, read_depth
 from mmie.gate.metrics import (
     GATES,
     Direction,
@@ -163,6 +164,7 @@ class GateConfig:
     replacement_lang: the language a forget prompt should be answered in instead.
     rules: threshold per registered gate (shipped gates.toml, overridden by a user file).
     rules_file: the user TOML the rules came from, if any (recorded in the artifact).
+    depth: which relearning step, metric and retrieval block the depth gates judge.
     """
 
     alpha: float = 0.05
@@ -171,6 +173,7 @@ class GateConfig:
     replacement_lang: str = "en"
     rules: Mapping[str, Rule] = field(default_factory=default_rules)
     rules_file: str | None = None
+    depth: DepthSettings = field(default_factory=DepthSettings)
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 0.5:
@@ -201,21 +204,37 @@ class GateConfig:
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "n_boot": self.n_boot, "seed": self.seed,
                 "replacement_lang": self.replacement_lang, "rules_file": self.rules_file,
-                "rules": {name: rule.to_dict() for name, rule in sorted(self.rules.items())}}
+                "rules": {name: rule.to_dict() for name, rule in sorted(self.rules.items())},
+                "depth": asdict(self.depth)}
 
 
 # --- the stage --------------------------------------------------------------------------------
 
 def evaluate_gates(config: GateConfig, base: EvalRecords,
                    arms: Mapping[str, Mapping[int, EvalRecords]],
-                   progress: Progress = SILENT) -> list[GateResult]:
+                   progress: Progress = SILENT, depth: Mapping[str, Mapping] | None = None,
+                   ) -> list[GateResult]:
+    """Every enabled gate for every arm; a depth gate only when its artifacts were given
+    (``depth``: ``{kind: {arm: record}}``, :mod:`mmie.gate.depth`)."""
+    depth = depth or {}
     plan = [(spec, name, xset) for spec in GATES.values() if config.rules[spec.name].enabled
+            and SOURCES.get(spec.name, "eval") in ("eval", *depth)
             for name, xset in instances(spec, base)]
     jobs = [(arm, item) for arm in arms for item in plan]
-    settings = config.settings()
-    results = [judge(settings, spec, config.rules[spec.name], name, xset, arm, arms[arm], base)
+    settings = replace(config.settings(), context=DepthContext(
+        config.replacement_lang, depth=depth, settings=config.depth))
+    results = [judge(settings, spec, config.rules[spec.name], name, xset, arm,
+                     _seeds(spec.name, arms[arm]), base)
                for arm, (spec, name, xset) in progress.track(jobs, len(jobs), "gates")]
     return discoveries(results)
+
+
+def _seeds(gate: str, seeds: Mapping[int, EvalRecords]) -> Mapping:
+    """A depth artifact measures an arm once, not per training seed: judged once, keyed by
+    its kind."""
+    if gate not in SOURCES:
+        return seeds
+    return {SOURCES[gate]: next(iter(seeds.values()))}
 
 
 RULE_TEXT = (
@@ -234,8 +253,9 @@ def min_n_table(config: GateConfig) -> dict[str, int | None]:
             for name, spec in GATES.items() if config.rules[name].enabled}
 
 
-def _report(config: GateConfig, base: EvalRecords, arms, results, summary) -> dict:
+def _report(config: GateConfig, base: EvalRecords, arms, results, summary, depth) -> dict:
     return {
+        **({"depth": describe(depth, config.depth)} if depth else {}),
         "settings": config.to_dict(),
         "baseline": {"path": base.path, "arm": base.arm, "seed": base.seed},
         "arms": {arm: {**summary[arm], "seeds": sorted(seeds),
@@ -247,20 +267,37 @@ def _report(config: GateConfig, base: EvalRecords, arms, results, summary) -> di
     }
 
 
+def read_depth_inputs(baseline: Path, arms: Sequence[str], out: Path,
+                      paths: Mapping[str, Sequence[Path]]) -> dict[str, dict]:
+    """``{kind: {arm: record}}`` of the given relearn / comprehension artifacts."""
+    given = {kind: list(p) for kind, p in paths.items() if p}
+    if not given:
+        return {}
+    provenance.check_overlap(out, [p for ps in given.values() for p in ps])
+    base = load(baseline, kind="eval")
+    return {kind: read_depth(ps, kind, base, arms) for kind, ps in given.items()}
+
+
 def run(config: GateConfig, baseline: Path, evals: Sequence[Path], out: Path,
-        force: bool = False, progress: Progress = SILENT) -> Artifact:
-    """Judge every eval artifact against ``baseline``; write a ``gate`` artifact at ``out``."""
+        force: bool = False, progress: Progress = SILENT, *, relearn: Sequence[Path] = (),
+        comprehension: Sequence[Path] = ()) -> Artifact:
+    """Judge every eval artifact (and any depth artifact of an arm) against ``baseline``;
+    write a ``gate`` artifact at ``out``."""
     if not evals:
         raise ValueError("give at least one eval artifact")
     provenance.gate_start(baseline, evals, out, force)
     base, arms = read_eval(Path(baseline)), group_evals(evals)
     check_inputs(base, arms)
-    results = evaluate_gates(config, base, arms, progress)
+    depth_paths = {"relearn": list(relearn), "comprehension": list(comprehension)}
+    depth = read_depth_inputs(Path(baseline), list(arms), Path(out), depth_paths)
+    results = evaluate_gates(config, base, arms, progress, depth)
     summary = verdicts(results, config.alpha)
-    report = _report(config, base, arms, results, summary)
+    report = _report(config, base, arms, results, summary, depth)
     files = {"gate.json": json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n",
              "gate.md": markdown(report), "forest.png": forest_png(report)}
-    settings = {**config.to_dict(), "baseline": str(baseline), "evals": [str(e) for e in evals]}
-    return save(out, "gate", tensors={}, config=settings, model=None,
-                parents=[Path(baseline), *map(Path, evals)], metrics=summary, files=files,
-                force=force)
+    settings = {**config.to_dict(), "baseline": str(baseline), "evals": [str(e) for e in evals],
+                **{kind: [str(p) for p in ps] for kind, ps in depth_paths.items() if ps}}
+    parents = [Path(baseline), *map(Path, evals), *(Path(p) for ps in depth_paths.values()
+                                                    for p in ps)]
+    return save(out, "gate", tensors={}, config=settings, model=None, parents=parents,
+                metrics=summary, files=files, force=force)

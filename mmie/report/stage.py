@@ -6,9 +6,6 @@ plainly when something is missing, so a partial run still gives a useful page.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -17,6 +14,18 @@ from pathlib import Path
 
 from mmie.core.artifacts import MANIFEST, Artifact, load
 from mmie.core.errors import ArtifactError
+from mmie.report import summary
+from mmie.report.depth import section_depth
+from mmie.report.gates import gate_section
+from mmie.report.html import (
+    arm_label,
+    artifact_png,
+    esc,
+    figure_png,
+    fit_scale,
+    img_tag,
+    table,
+)
 
 
 @dataclass(frozen=True)
@@ -52,53 +61,6 @@ def find_artifacts(roots: Sequence[str]) -> list[Artifact]:
     if not found:
         raise ArtifactError(f"no mmie artifacts under {', '.join(roots)}")
     return found
-
-
-def esc(value: object) -> str:
-    return html.escape(str(value))
-
-
-def fmt(value: object) -> str:
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, dict) and "value" in value:
-        shown = fmt(value["value"]) if value["value"] is not None else "missing"
-        return shown + (f" ({value['missing']})" if value.get("missing") else "")
-    return str(value)
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(fmt(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def img_tag(png: bytes, alt: str) -> str:
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def artifact_png(art: Artifact, name: str) -> str:
-    path = art.path / name
-    return img_tag(path.read_bytes(), f"{art.kind} {name}") if path.is_file() else ""
-
-
-def figure_png(draw: Callable) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = draw(plt)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def arm_label(art: Artifact) -> str:
-    cfg = art.config
-    return f"{cfg.get('arm', art.path.name)} / seed {cfg.get('seed', '-')}"
 
 
 def _reason_text(reason: object) -> str:
@@ -143,13 +105,14 @@ def _curves(art: Artifact) -> dict[str, list[float]]:
 
 
 def section_adapters(arts: list[Artifact]) -> str:
-    def draw(plt):
+    def draw(figure):
         names = sorted({k for a in arts for k in _curves(a)})
-        fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3))
-        axes = axes if hasattr(axes, "__len__") else [axes]
+        fig = figure(figsize=(4 * max(1, len(names)), 3), layout="constrained")
+        axes = fig.subplots(1, max(1, len(names)), squeeze=False)[0]
         for ax, name in zip(axes, names):
             for art in arts:
                 ax.plot(_curves(art).get(name, []), label=arm_label(art))
+            fit_scale(ax, [v for a in arts for v in _curves(a).get(name, [])])
             ax.set_title(name)
             ax.set_xlabel("step")
         axes[0].legend(fontsize=7)
@@ -180,87 +143,99 @@ def _set_rates(art: Artifact) -> dict[str, tuple[float, float]]:
 def section_evals(arts: list[Artifact]) -> str:
     names = sorted({k for a in arts for k, v in a.metrics.items() if isinstance(v, dict)})
     rows = [[name, *(a.metrics.get(name, "") for a in arts)] for name in names]
-    out = table(["metric", *(arm_label(a) for a in arts)], rows)
+    out = table(["metric", *(arm_label(a) for a in arts)], rows, cls="metrics")
     rates = {arm_label(a): _set_rates(a) for a in arts}
     sets = sorted({s for r in rates.values() for s in r})
     if sets:
-        out += img_tag(figure_png(lambda plt: _heatmap(plt, rates, sets)), "language heatmap")
+        out += img_tag(figure_png(lambda figure: _heatmap(figure, rates, sets)),
+                       "language heatmap")
     return out
 
 
-def _heatmap(plt, rates: dict, sets: list[str]):
+def _heatmap(figure, rates: dict, sets: list[str]):
+    """Two panels stacked, each with its own row labels: side by side, the right panel's
+    labels ran into the left panel's cells."""
     arms = list(rates)
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.2 * len(sets) * 2, 1 + 0.5 * len(arms)))
+    panel = 0.5 + 0.4 * len(arms)
+    fig = figure(figsize=(2 + 0.07 * max(map(len, arms)) + 0.75 * len(sets), 1.2 + 2 * panel),
+                 layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
     panels = ((axes[0], 0, "forget-language rate"), (axes[1], 1, "own-language rate"))
     for ax, which, title in panels:
         grid = [[rates[a].get(s, (math.nan, math.nan))[which] for s in sets] for a in arms]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(sets)), sets, rotation=45, ha="right")
         ax.set_yticks(range(len(arms)), arms)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                if not math.isnan(value):
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w", fontsize=7)
+                shown, color = ("-", "k") if math.isnan(value) else (f"{value:.2f}", "w")
+                ax.text(j, i, shown, ha="center", va="center", color=color, fontsize=8)
+    axes[1].set_xticks(range(len(sets)), sets, rotation=45, ha="right")
     fig.colorbar(im, ax=axes, shrink=0.8)
     return fig
 
 
-def _markdown_table(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
-    rows = [[c.strip().replace("**", "") for c in ln.strip("|").split("|")] for ln in lines]
-    rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
-    return table(rows[0], rows[1:]) if rows else ""
-
-
-def _listed(value: object) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
 def section_gates(arts: list[Artifact]) -> str:
-    parts = []
-    for art in arts:
-        decisions = {arm: v for arm, v in art.metrics.items()
-                     if isinstance(v, dict) and "decision" in v}
-        parts.append(f"<p>{esc(art.path)}</p>")
-        if decisions:
-            parts.append(table(["arm", "decision", "gates passed", "gates failed"],
-                               [[arm, v["decision"], v.get("passed", ""),
-                                 _listed(v.get("failed", ""))]
-                                for arm, v in decisions.items()]))
-        if (art.path / "gate.md").is_file():
-            parts.append(_markdown_table(art.read_text("gate.md")))
-        parts.append(artifact_png(art, "forest.png"))
-    return "".join(parts)
+    return "".join(gate_section(art) for art in arts)
 
 
 SECTIONS: dict[str, tuple[str, Callable[[list[Artifact]], str]]] = {
-    "gate": ("Gate decisions", section_gates),
+    "gate": ("Gate decisions: every gate", section_gates),
+    "comprehension": ("Depth: is it gone or hidden?", section_depth),
+    "relearn": ("Depth: is it gone or hidden?", section_depth),
     "eval": ("Evaluation: metrics per arm and cross-lingual rates", section_evals),
     "layers": ("Layer selection", section_layers),
     "sae": ("Sparse autoencoders", section_sae),
     "adapter": ("Unlearning runs: training curves", section_adapters),
 }
 
-STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
-         "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}"
+STYLE = ("body{font-family:system-ui,sans-serif;margin:1.2em 2em;max-width:1400px}"
+         "h1{font-size:1.4em;margin:0.2em 0}h2{font-size:1.2em;margin-top:1.6em}"
+         "table{border-collapse:collapse;margin:0.6em 0;font-size:13px}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}"
+         "th{background:#f0f0f0}table.answer{font-size:14px}table.answer td:first-child"
+         "{font-weight:600}table.examples td{max-width:22em;overflow-wrap:anywhere}"
+         ".lab{color:#777;font-size:11px}.notes{font-size:13px;margin:0.3em 0}"
+         ".d{font-weight:700;padding:0 4px;border-radius:3px}.d-proceed,.d-pass{color:#fff;"
+         "background:#2a7d2a}.d-stop,.d-fail{color:#fff;background:#b22222}"
+         ".d-report,.d-not-informative{color:#333;background:#ddd}"
          "img{max-width:100%;display:block;margin:1em 0}")
+
+
+def answer(by_kind: dict[str, list[Artifact]]) -> list[str]:
+    """The opening: one row per arm, plainly worded gate notes, then the side-by-side."""
+    arms = summary.group_arms(by_kind.get("eval", []))
+    report = summary.latest_gate(by_kind.get("gate", []))
+    forget = arms[0].evals[0].config.get("forget_lang", "forget") if arms else "forget"
+    return ['<section id="answer">', summary.headline(arms, report),
+            summary.gate_notes(report), "</section>",
+            f"<h2>The same {esc(summary.lang_name(str(forget)))} prompts, each arm's answer "
+            "(first seed)</h2>", summary.side_by_side(arms)] if arms else []
 
 
 def render(arts: list[Artifact], title: str) -> str:
     by_kind: dict[str, list[Artifact]] = defaultdict(list)
     for art in arts:
         by_kind[art.kind].append(art)
-    body = [f"<h1>{esc(title)}</h1>",
-            table(["kind", "artifact", "model", "created"],
-                  [[a.kind, a.path, (a.model.name if a.model else "-"),
-                    a.manifest.get("created_at", "")] for a in arts])]
+    body = [f"<h1>{esc(title)}</h1>", *answer(by_kind)]
+    done: set[Callable] = set()
     for kind, (heading, render_section) in SECTIONS.items():
-        if by_kind.get(kind):
-            body.append(f"<h2>{esc(heading)}</h2>" + render_section(by_kind[kind]))
+        if by_kind.get(kind) and render_section not in done:
+            done.add(render_section)
+            body.append(f"<h2>{esc(heading)}</h2>" + render_section(arts_of(by_kind, kind)))
+    body.append("<h2>Artifacts</h2>" + table(
+        ["kind", "artifact", "model", "created"],
+        [[a.kind, a.path, (a.model.name if a.model else "-"), a.manifest.get("created_at", "")]
+         for a in arts]))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+
+
+def arts_of(by_kind: dict[str, list[Artifact]], kind: str) -> list[Artifact]:
+    """The depth section takes both depth kinds at once."""
+    if kind in ("comprehension", "relearn"):
+        return by_kind.get("comprehension", []) + by_kind.get("relearn", [])
+    return by_kind[kind]
 
 
 def run(config: ReportConfig) -> Path:
