@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mmie.core.artifacts import MANIFEST, Artifact, load
 from mmie.core.errors import ArtifactError
+from mmie.core.registry import Registry
 from mmie.report import summary
 from mmie.report.depth import section_depth
 from mmie.report.gates import gate_section
@@ -179,15 +180,15 @@ def section_gates(arts: list[Artifact]) -> str:
     return "".join(gate_section(art) for art in arts)
 
 
-SECTIONS: dict[str, tuple[str, Callable[[list[Artifact]], str]]] = {
-    "gate": ("Gate decisions: every gate", section_gates),
-    "comprehension": ("Depth: is it gone or hidden?", section_depth),
-    "relearn": ("Depth: is it gone or hidden?", section_depth),
-    "eval": ("Evaluation: metrics per arm and cross-lingual rates", section_evals),
-    "layers": ("Layer selection", section_layers),
-    "sae": ("Sparse autoencoders", section_sae),
-    "adapter": ("Unlearning runs: training curves", section_adapters),
-}
+Section = tuple[str, Callable[[list[Artifact]], str]]  # heading, renderer
+SECTIONS: Registry[Section] = Registry("report section")  # by artifact kind, in page order
+SECTIONS.add("gate", ("Gate decisions: every gate", section_gates))
+SECTIONS.add("comprehension", ("Depth: is it gone or hidden?", section_depth))
+SECTIONS.add("relearn", ("Depth: is it gone or hidden?", section_depth))
+SECTIONS.add("eval", ("Evaluation: metrics per arm and cross-lingual rates", section_evals))
+SECTIONS.add("layers", ("Layer selection", section_layers))
+SECTIONS.add("sae", ("Sparse autoencoders", section_sae))
+SECTIONS.add("adapter", ("Unlearning runs: training curves", section_adapters))
 
 STYLE = ("body{font-family:system-ui,sans-serif;margin:1.2em 2em;max-width:1400px}"
          "h1{font-size:1.4em;margin:0.2em 0}h2{font-size:1.2em;margin-top:1.6em}"
