@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmie.core import profile
 from mmie.core.distributed import World
 from mmie.core.models import LoadedModel, get_decoder, input_device, lm_head, unwrap
 from mmie.core.progress import SILENT, Progress
@@ -261,6 +262,7 @@ def _generate_batch(lm: LoadedModel, rows: list[list[int]], config,
             for row, tokens, lp in zip(rows, new, logps, strict=True)]
 
 
+@profile.phase("generate")
 def generate(lm: LoadedModel, prompts: Sequence[str],
              settings: GenerationSettings = GenerationSettings(), *,
              progress: Progress = SILENT, desc: str = "generate",
@@ -326,6 +328,7 @@ def _target_mask(items: Sequence[ScoreItem], width: int) -> torch.Tensor:
     return mask
 
 
+@profile.phase("lm_head")
 def _token_stats(hidden: torch.Tensor, labels: torch.Tensor, lm: LoadedModel,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     head = lm_head(lm.model)
@@ -365,6 +368,7 @@ def _score_batch(lm: LoadedModel, items: Sequence[ScoreItem], chunk: int) -> lis
             for lp, zz in zip(logp.split(counts), z.split(counts), strict=True)]
 
 
+@profile.phase("score")
 def score(lm: LoadedModel, items: Sequence[ScoreItem], *, batch_size: int = 16,
           chunk_tokens: int = 128, progress: Progress = SILENT, desc: str = "score",
           here: World | None = None) -> list[TokenScores]:

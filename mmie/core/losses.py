@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from mmie.core import profile
+
 # 128 tokens x 262,144 ids x 4 bytes = 128 MiB per chunk: large enough for efficient matmuls,
 # small enough to leave room for the model on a laptop.
 DEFAULT_CHUNK_SIZE = 128
@@ -159,11 +161,12 @@ def _map_tokens(
         raise ValueError(f"mask shape {tuple(keep.shape)} does not match {tuple(lead)}")
     flat = [t[keep] for t in per_token]
     pieces = []
-    for start in range(0, flat[0].shape[0], chunk_size):
-        args = (*(t[start : start + chunk_size] for t in flat), *shared)
-        pieces.append(_runner(fn, args, single_output)(*args))
-    if not pieces:  # every position padded: run once on nothing to learn output dtypes
-        pieces.append(fn(*(t[:0] for t in flat), *shared))
+    with profile.phase("lm_head"):
+        for start in range(0, flat[0].shape[0], chunk_size):
+            args = (*(t[start : start + chunk_size] for t in flat), *shared)
+            pieces.append(_runner(fn, args, single_output)(*args))
+        if not pieces:  # every position padded: run once on nothing to learn output dtypes
+            pieces.append(fn(*(t[:0] for t in flat), *shared))
     return tuple(_unflatten(torch.cat(parts), keep) for parts in zip(*pieces, strict=True))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmie.core import provenance
+from mmie.core import profile, provenance
 from mmie.core.artifacts import Artifact, save
 from mmie.core.progress import SILENT, Progress
 from mmie.gate import forward  # noqa: F401  (registers the forward-only gates)
@@ -247,6 +247,7 @@ def _report(config: GateConfig, base: EvalRecords, arms, results, summary) -> di
     }
 
 
+@profile.phase("gate")
 def run(config: GateConfig, baseline: Path, evals: Sequence[Path], out: Path,
         force: bool = False, progress: Progress = SILENT) -> Artifact:
     """Judge every eval artifact against ``baseline``; write a ``gate`` artifact at ``out``."""

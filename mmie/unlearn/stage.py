@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from mmie.core import profile
 from mmie.core.artifacts import Artifact, content_hash, load, save, sha256_file
 from mmie.core.data import read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
@@ -185,6 +186,7 @@ def _prepare_with(c, lm, data, layers, adapter) -> Prepared:
     return Prepared(trainer, adapter, layers, options, time.perf_counter() - start)
 
 
+@profile.phase("reference")
 def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
                 here: World) -> tuple[References, Schedule]:
     """This process's share of the batch schedule, and the reference targets of exactly the
@@ -283,6 +285,7 @@ def _identity(c: UnlearnConfig, lm: LoadedModel) -> dict:
     return run_identity({**_recorded(c), "base_model": lm.identity.fingerprint})
 
 
+@profile.phase("unlearn")
 def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,
                   progress: Progress = SILENT) -> Artifact:
     """One seed: train, save the ``adapter`` artifact, remove the edit, release the model."""
@@ -302,7 +305,8 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
             desc = f"unlearn {c.method}-{c.objective} seed {c.seed}"
             loop = Loop(c.steps, c.method_lr(), c.checkpoint_every, ckpt,
                         _identity(c, lm), desc, main)
-            curve, resumed = train(prepared.trainer, loop, resume, progress)
+            with profile.phase("train"):
+                curve, resumed = train(prepared.trainer, loop, resume, progress)
             metrics = _metrics(curve, resumed, prepared, data, c)
             if prepared.trainer.sharded:  # every process, before rank 0 writes
                 unlearn_fsdp.gather_trainable(prepared.adapter)
