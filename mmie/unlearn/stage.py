@@ -60,6 +60,7 @@ from mmie.core.provenance import (
 )
 from mmie.edits.adapters import DEFAULT_LAYERS, METHODS, Adapter, load_adapter
 from mmie.unlearn import fsdp as unlearn_fsdp
+from mmie.unlearn import refcache
 from mmie.unlearn.checkpoint import checkpoint_dir, run_identity
 from mmie.unlearn.config import UnlearnConfig, parse_options
 from mmie.unlearn.data import (
@@ -194,6 +195,9 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
     needs, rl, refs = plan.objective.needs, plan.retain_loss, References()
     kw = dict(batch_size=c.batch_size, chunk_size=c.chunk_size)
     forget = rows.forget
+    top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
+    cache = refcache.start(lm, rows, [r for s in sets for r in s], refs, top_k=top_k, layer=(
+        plan.act_layer if needs.reference_activations else None), settings=kw)
     order = _curriculum(lm, adapter, rows, refs, here, kw) if c.curriculum else None
     schedule = build_schedule(len(forget), [len(s) for s in sets], c.set_weights(), c.steps,
                               c.batch_size, c.seed, order).local(here)
@@ -203,11 +207,11 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
     if needs.reference_alternative:
         sequence_references(lm, adapter, rows.alternative, rows.alternative_starts, visited,
                             refs.alternative_logp, None, **kw)
-    top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
     if top_k is not None or needs.reference_activations:
         retain = [row for s in sets for row in s]
         retain_references(lm, adapter, retain, sum(schedule.retain, []), refs, top_k=top_k,
                           layer=plan.act_layer if needs.reference_activations else None, **kw)
+    refs.cache = cache.store(refs) if cache is not None else {"used": False}
     return refs, schedule
 
 
@@ -232,6 +236,7 @@ def _metrics(curve: list[dict], resumed: int, prepared: Prepared, data: TextData
             "seconds_per_step": statistics.mean(timed) if timed else None,
             "median_seconds_per_step": statistics.median(timed) if timed else None,
             "reference_seconds": prepared.reference_seconds, "data": data.records(c),
+            "reference_cache": prepared.trainer.refs.cache,
             "processes": prepared.trainer.processes, "fsdp": prepared.trainer.sharded}
 
 
