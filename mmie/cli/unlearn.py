@@ -130,6 +130,10 @@ def unlearn_cmd(
     field: FieldOpt = "text",
     scrub_whiten: Annotated[bool, typer.Option(
         "--scrub-whiten", help="--method scrub: LEACE-style whitened eraser.")] = False,
+    head_dtype: Annotated[str, typer.Option(
+        "--head-dtype", help="LM-head matmul precision in the losses: fp32 or bf16 (about 3x "
+                             "faster on CPUs with AVX-512 BF16; large logits and sums stay "
+                             "fp32).")] = "fp32",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     blocks_path: BlocksPathOpt = None,
@@ -157,7 +161,8 @@ def unlearn_cmd(
             alpha=alpha, target_modules=_modules(target_modules) or LORA_TARGETS, gate=gate,
             gate_weight=gate_weight, reft_kind=reft_kind, curriculum=curriculum,
             checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm,
-            max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative)
+            max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative,
+            head_dtype=head_dtype)
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mmie.core import profile
+from mmie.core.head_precision import fast_logits, fast_weight
 
 # 128 tokens x 262,144 ids x 4 bytes = 128 MiB per chunk: large enough for efficient matmuls,
 # small enough to leave room for the model on a laptop.
@@ -77,8 +78,12 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return (values * mask).sum() / count
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    logits = h.to(weight.dtype) @ weight.T
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+            also: Tensor | None = None) -> Tensor:
+    """``also``: ids each row reads ([rows, k]) that a reduced-precision head computes
+    exactly (:mod:`mmie.core.head_precision`); ignored in full precision."""
+    fast = fast_weight(weight)
+    logits = h.to(weight.dtype) @ weight.T if fast is None else fast_logits(h, weight, fast, also)
     if bias is not None:
         logits = logits + bias
     # fp32 at least (fp64 stays fp64, which the exact tests rely on)
@@ -176,7 +181,7 @@ def _unflatten(values: Tensor, keep: Tensor) -> Tensor:
 
 
 def _label_logprob_chunk(h, labels, weight, bias, softcap):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, labels[:, None])
     picked = logits.gather(-1, labels[:, None])[:, 0]
     return (picked - logits.logsumexp(-1),)
 
@@ -202,7 +207,7 @@ def token_logprobs(
 
 
 def _subset_and_label_chunk(h, labels, weight, bias, softcap, ids):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, labels[:, None])
     lse = logits.logsumexp(-1)
     picked = logits.gather(-1, labels[:, None])[:, 0]
     return picked - lse, logits.index_select(-1, ids).logsumexp(-1) - lse
@@ -308,7 +313,7 @@ def ref_topk(
 
 
 def _topk_kl_chunk(h, idx, ref_logp, ref_tail, weight, bias, softcap):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, idx)
     lse = logits.logsumexp(-1, keepdim=True)
     student_logp = logits.gather(-1, idx) - lse
     p_ref = ref_logp.exp()

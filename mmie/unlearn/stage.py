@@ -48,6 +48,7 @@ from mmie.core.artifacts import Artifact, content_hash, load, save, sha256_file
 from mmie.core.data import read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
 from mmie.core.errors import ArtifactError, DataError
+from mmie.core.head_precision import head_precision
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.provenance import (
@@ -197,7 +198,8 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
     forget = rows.forget
     top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
     cache = refcache.start(lm, rows, [r for s in sets for r in s], refs, top_k=top_k, layer=(
-        plan.act_layer if needs.reference_activations else None), settings=kw)
+        plan.act_layer if needs.reference_activations else None), settings={
+        **kw, "head_dtype": c.head_dtype})
     order = _curriculum(lm, adapter, rows, refs, here, kw) if c.curriculum else None
     schedule = build_schedule(len(forget), [len(s) for s in sets], c.set_weights(), c.steps,
                               c.batch_size, c.seed, order).local(here)
@@ -304,7 +306,7 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
     data = read_data(c)
     parent = load(c.layers, kind="layers") if c.layers else None
     ckpt, main = checkpoint_dir(out), world().main
-    with loaded(c.model) as lm:
+    with loaded(c.model) as lm, head_precision(c.head_dtype):
         prepared = prepare(c, lm, data, parent)
         try:
             desc = f"unlearn {c.method}-{c.objective} seed {c.seed}"
