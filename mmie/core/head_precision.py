@@ -60,11 +60,14 @@ def fast_weight(weight: Tensor) -> Tensor | None:
     return hit[2]
 
 
-def fast_logits(h: Tensor, weight: Tensor, fast: Tensor, also: Tensor | None) -> Tensor:
-    """fp32 ``h @ weight.T`` from the bf16 product, with each row's largest logits and the ids
-    in ``also`` (``[rows, k]``, e.g. the labels) recomputed exactly in fp32."""
+def fast_logits(h: Tensor, weight: Tensor, fast: Tensor, also: Tensor | None,
+                top: int = EXACT_TOP) -> Tensor:
+    """fp32 ``h @ weight.T`` from the bf16 product, with each row's ``top`` largest logits and
+    the ids in ``also`` (``[rows, k]``, e.g. the labels) recomputed exactly in fp32; ``top``
+    gets a margin of :data:`EXACT_TOP` more, so that rounding cannot swap an id in or out of
+    the top ``top``."""
     logits = (h.to(fast.dtype) @ fast.T).float()
-    k = min(EXACT_TOP, logits.shape[-1])
+    k = min(top + EXACT_TOP, logits.shape[-1])
     logits = _exact_at(logits, h, weight, logits.detach().topk(k, dim=-1).indices)
     # a second scatter, not one over both id sets: an id in both would get its gradient twice
     return logits if also is None else _exact_at(logits, h, weight, also.to(torch.long))
@@ -72,4 +75,6 @@ def fast_logits(h: Tensor, weight: Tensor, fast: Tensor, also: Tensor | None) ->
 
 def _exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     exact = torch.einsum("nd,nkd->nk", h.float(), weight[idx].float())
-    return logits.scatter(-1, idx, exact)
+    # in place: ``logits`` is this call's own fresh fp32 copy (autograd allows it), and a
+    # [rows, vocab] copy costs as much as the logsumexp
+    return logits.scatter_(-1, idx, exact)

@@ -79,11 +79,12 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-            also: Tensor | None = None) -> Tensor:
-    """``also``: ids each row reads ([rows, k]) that a reduced-precision head computes
-    exactly (:mod:`mmie.core.head_precision`); ignored in full precision."""
+            also: Tensor | None = None, top: int = 0) -> Tensor:
+    """``also``: ids each row reads ([rows, k]), ``top``: how many of its largest logits it
+    reads; a reduced-precision head computes those exactly (:mod:`mmie.core.head_precision`)."""
     fast = fast_weight(weight)
-    logits = h.to(weight.dtype) @ weight.T if fast is None else fast_logits(h, weight, fast, also)
+    logits = h.to(weight.dtype) @ weight.T if fast is None else \
+        fast_logits(h, weight, fast, also, top)
     if bias is not None:
         logits = logits + bias
     # fp32 at least (fp64 stays fp64, which the exact tests rely on)
@@ -279,7 +280,7 @@ def sequence_nll(
 
 
 def _ref_topk_chunk(h, weight, bias, softcap, k):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, top=k)
     lse = logits.logsumexp(-1, keepdim=True)
     values, idx = logits.topk(k, dim=-1)
     tail = _complement_logsumexp(logits, idx) - lse[:, 0]

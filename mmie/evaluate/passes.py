@@ -30,6 +30,7 @@ from mmie.core.generation import Generation, TokenScores, generate, score, text_
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
+from mmie.evaluate.basecache import cached_scores
 from mmie.evaluate.config import EvalConfig, PromptSet
 from mmie.evaluate.mass import mass_items, mass_rows, scored_sets, set_langs
 from mmie.lid.mass import LangData, MassScores, TokenSet, build_token_sets, mass_scores
@@ -145,8 +146,10 @@ def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
 
 def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World,
              progress: Progress, name: str) -> list[TokenScores]:
-    return score(lm, fluency_items(lm, gens), batch_size=c.batch_size, progress=progress,
-                 desc=f"fluency {name}", here=here)
+    items = fluency_items(lm, gens)
+    return cached_scores(lm, items, {"batch_size": c.batch_size}, lambda: score(
+        lm, items, batch_size=c.batch_size, progress=progress, desc=f"fluency {name}",
+        here=here))
 
 
 def measure(c: EvalConfig, sets: list[PromptSet], mia_texts: tuple[list[str], list[str]] | None,

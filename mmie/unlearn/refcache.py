@@ -12,77 +12,35 @@ that visit different rows share what they have in common. A run that finds every
 computes nothing, and gives the adapter a run computing them would (the values are the
 stored fp32/fp64 numbers, bit for bit).
 
-Off with ``MMIE_CACHE=0``, and under a launcher (processes would race on the files). A file that
-cannot be read is a miss (recomputed and rewritten), never an error. Writes are atomic (a temp
-file renamed into place).
+Off with ``MMIE_CACHE=0`` and under a launcher; a damaged file is a miss, recomputed and
+rewritten (:mod:`mmie.core.diskcache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from mmie.core.distributed import world
-from mmie.core.identity import mmie_home
-from mmie.core.models import LoadedModel, input_device
+from mmie.core import diskcache
+from mmie.core.models import LoadedModel
 from mmie.unlearn.data import References
 
-ENV = "MMIE_CACHE"
 VERSION = 1
-
-
-def enabled() -> bool:
-    off = os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off")
-    return not off and not world().distributed
+enabled = diskcache.enabled
+_read, _write = diskcache.read, diskcache.write
 
 
 def cache_dir() -> Path:
-    return mmie_home() / "cache" / "references"
-
-
-def _model_record(lm: LoadedModel) -> dict:
-    param = next(lm.model.parameters())
-    return {"fingerprint": lm.identity.fingerprint, "spec": asdict(lm.spec),
-            "device": str(input_device(lm.model)), "dtype": str(param.dtype),
-            "pad": lm.tokenizer.pad_token_id, "torch": torch.__version__}
+    return diskcache.cache_dir("references")
 
 
 def key(lm: LoadedModel, kind: str, rows, starts, settings: dict) -> str:
     """sha256 over the model, the kind, the settings and every row (with its start)."""
-    h = hashlib.sha256()
-    head = {"version": VERSION, "kind": kind, "model": _model_record(lm), "settings": settings}
-    h.update(json.dumps(head, sort_keys=True, default=str).encode())
-    for j, row in enumerate(rows):
-        start = -1 if starts is None else int(starts[j])
-        h.update(torch.tensor([len(row), start, *row], dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path) if path.is_file() else {}
-    except (SafetensorError, OSError, ValueError):  # a damaged file is a miss
-        return {}
-
-
-def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    header = {"version": VERSION, "kind": kind, "model": diskcache.model_record(lm),
+              "settings": settings}
+    return diskcache.key(header, rows, starts)
 
 
 # --- References fields <-> tensors ------------------------------------------------------------
