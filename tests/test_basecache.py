@@ -56,3 +56,16 @@ def test_encode_decode_round_trip_and_refusals():
     assert basecache._decode(tensors, 2) is None  # another number of items
     assert basecache._decode({**tensors, "counts": torch.tensor([2, 2, 2])}, 3) is None
     assert basecache._decode({}, 3) is None
+
+
+def test_score_without_z_gives_the_same_logprobs():
+    from mmie.core.generation import score, text_items
+    from mmie.core.models import loaded
+
+    with loaded(ModelSpec(name="tiny:gemma3", device="cpu")) as lm:
+        items = text_items(lm, HI[:4] + EN[:4], 24)
+        full = score(lm, items, batch_size=3, chunk_tokens=5)
+        fast = score(lm, items, batch_size=3, chunk_tokens=5, z=False)
+    for a, b in zip(full, fast, strict=True):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+        assert len(b.z_scores) == len(a.z_scores) and all(z != z for z in b.z_scores)  # NaN

@@ -130,9 +130,11 @@ def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
     with interventions(lm, c) as applied:
         gens = {s.name: generate(lm, s.prompts, settings, progress=progress, here=here,
                                  desc=f"generate {s.name}") for s in sets}
-        forget_all = score(lm, text_items(lm, held, c.max_length), desc="ppl forget", **kw)
+        # z-scores (Min-K%++) only where MIA reads them: the members and the held-out forget texts
+        forget_all = score(lm, text_items(lm, held, c.max_length), desc="ppl forget",
+                           z=mia_texts is not None, **kw)
         ppl = {"retain": score(lm, text_items(lm, texts["retain"], c.max_length),
-                               desc="ppl retain", **kw),
+                               desc="ppl retain", z=False, **kw),
                "forget": forget_all[:len(texts["forget"])]}
         mia = None if mia_texts is None else (
             score(lm, text_items(lm, mia_texts[0], c.max_length), desc="mia members", **kw),
@@ -147,9 +149,9 @@ def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
 def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World,
              progress: Progress, name: str) -> list[TokenScores]:
     items = fluency_items(lm, gens)
-    return cached_scores(lm, items, {"batch_size": c.batch_size}, lambda: score(
+    return cached_scores(lm, items, {"batch_size": c.batch_size, "z": False}, lambda: score(
         lm, items, batch_size=c.batch_size, progress=progress, desc=f"fluency {name}",
-        here=here))
+        here=here, z=False))
 
 
 def measure(c: EvalConfig, sets: list[PromptSet], mia_texts: tuple[list[str], list[str]] | None,
