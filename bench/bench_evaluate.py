@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds, arts = [], []
     with tempfile.TemporaryDirectory() as root:
         os.environ.update(MMIE_HOME=str(Path(root) / "home"), MMIE_CACHE="1", MMIE_PROFILE="1")
-        for name in ("today", "again"):
+        for name in ("cold", "warm"):
             profile.reset()
             start = time.perf_counter()
             arts.append(run(config, Path(root) / name))
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         same = arts[0].read_text("samples.jsonl") == arts[1].read_text("samples.jsonl")
         table = arts[0].metrics["profile"]
     result = {"model": f"random Gemma 3 270M shapes, {args.layers} blocks",
-              "threads": torch.get_num_threads(), "today_s": seconds[0], "again_s": seconds[1],
+              "threads": torch.get_num_threads(), "cold_s": seconds[0], "warm_s": seconds[1],
               "ratio": seconds[0] / seconds[1], "samples_identical": same,
               **score_passes(config), "profile": table}
     if args.json:
