@@ -13,7 +13,7 @@ retain KL on ``data/sample``, as in the demo. Measured, interleaved where it can
 - **arm**: reference pass + ``--steps`` steps, today (cold, fp32) against a later arm
   (warm, bf16).
 
-    python bench/bench_unlearn_speedups.py            # about two minutes on 2 busy cores
+    python bench/bench_unlearn_speedups.py --threads 1  # under a minute; 5 with 2 busy threads
     python bench/bench_unlearn_speedups.py --layers 18 --json
 """
 
@@ -44,8 +44,8 @@ ARCH = "bench270m"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder blocks (Gemma 3: 18)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=3, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")

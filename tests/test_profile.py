@@ -100,3 +100,6 @@ def test_threads_default_counts_physical_cores(monkeypatch, tmp_path: Path):
     quota.write_text("max 100000\n")
     assert threads.quota_cpus(quota) is None
     assert 1 <= threads.wanted() <= len(threads._allowed_cpus())
+    assert threads.idle_cores(2, 0.2) == 2 and threads.idle_cores(2, 0.7) == 1
+    assert threads.idle_cores(2, 3.5) == 1 and threads.idle_cores(8, 2.0) == 6
+    assert threads.wanted(load=100.0) == 1

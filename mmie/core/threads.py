@@ -5,9 +5,12 @@ hyperthreaded machine oversubscribes the cores: OpenMP threads then spin waiting
 and small operations get hundreds of times slower (measured on a loaded 2-core machine). So the
 CLI calls :func:`configure` once at start: intra-op threads = the physical cores in this
 process's CPU affinity (``os.sched_getaffinity``, which ``taskset`` and container cpusets
-narrow), further capped by a cgroup CPU quota (``cpu.max``); inter-op threads = 1 (mmie never
+narrow), further capped by a cgroup CPU quota (``cpu.max``), less the cores other processes
+already keep busy (the 1-minute load average), at least 1; inter-op threads = 1 (mmie never
 runs independent operators in parallel). An explicit ``MMIE_THREADS`` or ``OMP_NUM_THREADS``
-wins, in that order.
+wins, in that order. Measured (``bench/bench_unlearn_speedups.py``, random Gemma-3-270M-shaped
+model, 2 cores with a load average of 3-4 from other jobs): one unlearn step took 11.3 s with 2
+threads and 2.2 s with 1.
 """
 
 from __future__ import annotations
@@ -64,13 +67,28 @@ def explicit() -> int | None:
     return None
 
 
-def wanted() -> int:
-    """The intra-op thread count :func:`configure` sets."""
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Unix
+        return 0.0
+
+
+def idle_cores(cores: int, load: float) -> int:
+    """The cores other work leaves free: ``cores`` minus the 1-minute load average (taken
+    before this process does any work), rounded, at least 1."""
+    return max(1, min(cores, math.floor(cores - load + 0.5)))
+
+
+def wanted(load: float | None = None) -> int:
+    """The intra-op thread count :func:`configure` sets: the explicit one, else the physical
+    cores available to this process that other processes do not keep busy."""
     if (n := explicit()) is not None:
         return n
     n = physical_cores(_allowed_cpus())
     quota = quota_cpus()
-    return n if quota is None else min(n, quota)
+    n = n if quota is None else min(n, quota)
+    return idle_cores(n, _load() if load is None else load)
 
 
 def configure() -> int:
