@@ -54,3 +54,25 @@ def tiny_lm(tiny_arch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_reference_cache():
+    # each test sees its own fresh computations; tests of the cache turn it on themselves
+    import os
+
+    before = os.environ.get("MMIE_CACHE")
+    os.environ["MMIE_CACHE"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("MMIE_CACHE", None)
+    else:
+        os.environ["MMIE_CACHE"] = before
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    # a CLI invocation sets torch's thread count for the machine (mmie.core.threads)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

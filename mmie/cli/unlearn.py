@@ -159,6 +159,10 @@ def unlearn_cmd(
     val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 10,
     val_fallback: Annotated[str, typer.Option(
         help="Adapter kept when no checkpoint meets the rule: last or step0.")] = "last",
+    head_dtype: Annotated[str, typer.Option(
+        "--head-dtype", help="LM-head matmul precision in the losses: fp32 or bf16 (about 3x "
+                             "faster on CPUs with AVX-512 BF16; large logits and sums stay "
+                             "fp32).")] = "fp32",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     blocks_path: BlocksPathOpt = None,
@@ -188,7 +192,8 @@ def unlearn_cmd(
             checkpoint_every=checkpoint_every, max_grad_norm=max_grad_norm,
             max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative,
             validation=validation_config(val_forget, val_retain, val_protect, val_every,
-                                         val_fallback))
+                                         val_fallback),
+            head_dtype=head_dtype)
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

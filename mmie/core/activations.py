@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmie.core import profile
 from mmie.core.hooks import capture_blocks, run_until_stop
 from mmie.core.models import LoadedModel, get_decoder, input_device
 from mmie.core.progress import SILENT, Progress
@@ -97,6 +98,7 @@ class _TokenReservoir:
         self.keys, self.text = keys[keep], text[keep]
 
 
+@profile.phase("harvest")
 def harvest(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], *,
             max_length: int = 128, batch_size: int = 8, token_sample: int = 2048, seed: int = 0,
             progress: Progress = SILENT, desc: str = "activations") -> Harvest:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmie import __version__
+from mmie.core import profile
 from mmie.core.errors import ArtifactError, CorruptFileError
 
 FORMAT = "mmie-artifact"
@@ -133,6 +134,7 @@ def _tensor_meta(tensors: Mapping[str, torch.Tensor]) -> dict:
             for name, t in sorted(tensors.items())}
 
 
+@profile.phase("write")
 def _write_files(tmp: Path, tensors, files, writer) -> dict:
     meta = {}
     for stem, group in tensors.items():
@@ -253,6 +255,8 @@ def save(out: Path | str, kind: str, *, tensors: Mapping[str, Mapping[str, torch
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    if (timed := profile.since_mark()) is not None:  # MMIE_PROFILE: this artifact's phases
+        metrics = {**(metrics or {}), "profile": timed}
     try:
         meta = _write_files(tmp, tensors, files or {}, writer)
         manifest = {

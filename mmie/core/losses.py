@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from mmie.core import profile
+from mmie.core.head_precision import fast_logits, fast_weight
+
 # 128 tokens x 262,144 ids x 4 bytes = 128 MiB per chunk: large enough for efficient matmuls,
 # small enough to leave room for the model on a laptop.
 DEFAULT_CHUNK_SIZE = 128
@@ -75,8 +78,13 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return (values * mask).sum() / count
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    logits = h.to(weight.dtype) @ weight.T
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+            also: Tensor | None = None, top: int = 0) -> Tensor:
+    """``also``: ids each row reads ([rows, k]), ``top``: how many of its largest logits it
+    reads; a reduced-precision head computes those exactly (:mod:`mmie.core.head_precision`)."""
+    fast = fast_weight(weight)
+    logits = h.to(weight.dtype) @ weight.T if fast is None else \
+        fast_logits(h, weight, fast, also, top)
     if bias is not None:
         logits = logits + bias
     # fp32 at least (fp64 stays fp64, which the exact tests rely on)
@@ -159,11 +167,12 @@ def _map_tokens(
         raise ValueError(f"mask shape {tuple(keep.shape)} does not match {tuple(lead)}")
     flat = [t[keep] for t in per_token]
     pieces = []
-    for start in range(0, flat[0].shape[0], chunk_size):
-        args = (*(t[start : start + chunk_size] for t in flat), *shared)
-        pieces.append(_runner(fn, args, single_output)(*args))
-    if not pieces:  # every position padded: run once on nothing to learn output dtypes
-        pieces.append(fn(*(t[:0] for t in flat), *shared))
+    with profile.phase("lm_head"):
+        for start in range(0, flat[0].shape[0], chunk_size):
+            args = (*(t[start : start + chunk_size] for t in flat), *shared)
+            pieces.append(_runner(fn, args, single_output)(*args))
+        if not pieces:  # every position padded: run once on nothing to learn output dtypes
+            pieces.append(fn(*(t[:0] for t in flat), *shared))
     return tuple(_unflatten(torch.cat(parts), keep) for parts in zip(*pieces, strict=True))
 
 
@@ -173,7 +182,7 @@ def _unflatten(values: Tensor, keep: Tensor) -> Tensor:
 
 
 def _label_logprob_chunk(h, labels, weight, bias, softcap):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, labels[:, None])
     picked = logits.gather(-1, labels[:, None])[:, 0]
     return (picked - logits.logsumexp(-1),)
 
@@ -199,7 +208,7 @@ def token_logprobs(
 
 
 def _subset_and_label_chunk(h, labels, weight, bias, softcap, ids):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, labels[:, None])
     lse = logits.logsumexp(-1)
     picked = logits.gather(-1, labels[:, None])[:, 0]
     return picked - lse, logits.index_select(-1, ids).logsumexp(-1) - lse
@@ -271,7 +280,7 @@ def sequence_nll(
 
 
 def _ref_topk_chunk(h, weight, bias, softcap, k):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, top=k)
     lse = logits.logsumexp(-1, keepdim=True)
     values, idx = logits.topk(k, dim=-1)
     tail = _complement_logsumexp(logits, idx) - lse[:, 0]
@@ -305,7 +314,7 @@ def ref_topk(
 
 
 def _topk_kl_chunk(h, idx, ref_logp, ref_tail, weight, bias, softcap):
-    logits = _logits(h, weight, bias, softcap)
+    logits = _logits(h, weight, bias, softcap, idx)
     lse = logits.logsumexp(-1, keepdim=True)
     student_logp = logits.gather(-1, idx) - lse
     p_ref = ref_logp.exp()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from mmie.core import profile
 from mmie.core.artifacts import ModelIdentity
 from mmie.core.distributed import local_device, world
 from mmie.core.errors import ModelError
@@ -280,6 +281,7 @@ def _prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+@profile.phase("model_load")
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load a model as ``spec`` says; prefer :func:`loaded`, which also releases it."""
     source = resolve_source(spec.name)

@@ -30,6 +30,7 @@ from mmie.core.generation import Generation, TokenScores, generate, score, text_
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
+from mmie.evaluate.basecache import cached_scores
 from mmie.evaluate.config import EvalConfig, PromptSet
 from mmie.evaluate.mass import mass_items, mass_rows, scored_sets, set_langs
 from mmie.lid.mass import LangData, MassScores, TokenSet, build_token_sets, mass_scores
@@ -129,9 +130,11 @@ def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
     with interventions(lm, c) as applied:
         gens = {s.name: generate(lm, s.prompts, settings, progress=progress, here=here,
                                  desc=f"generate {s.name}") for s in sets}
-        forget_all = score(lm, text_items(lm, held, c.max_length), desc="ppl forget", **kw)
+        # z-scores (Min-K%++) only where MIA reads them: the members and the held-out forget texts
+        forget_all = score(lm, text_items(lm, held, c.max_length), desc="ppl forget",
+                           z=mia_texts is not None, **kw)
         ppl = {"retain": score(lm, text_items(lm, texts["retain"], c.max_length),
-                               desc="ppl retain", **kw),
+                               desc="ppl retain", z=False, **kw),
                "forget": forget_all[:len(texts["forget"])]}
         mia = None if mia_texts is None else (
             score(lm, text_items(lm, mia_texts[0], c.max_length), desc="mia members", **kw),
@@ -145,8 +148,10 @@ def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
 
 def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World,
              progress: Progress, name: str) -> list[TokenScores]:
-    return score(lm, fluency_items(lm, gens), batch_size=c.batch_size, progress=progress,
-                 desc=f"fluency {name}", here=here)
+    items = fluency_items(lm, gens)
+    return cached_scores(lm, items, {"batch_size": c.batch_size, "z": False}, lambda: score(
+        lm, items, batch_size=c.batch_size, progress=progress, desc=f"fluency {name}",
+        here=here, z=False))
 
 
 def measure(c: EvalConfig, sets: list[PromptSet], mia_texts: tuple[list[str], list[str]] | None,

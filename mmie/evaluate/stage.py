@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmie.core import provenance
+from mmie.core import profile, provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.distributed import ensure_group, main_writes
 from mmie.core.errors import ArtifactError
@@ -112,6 +112,7 @@ def fluency_reference(c: EvalConfig, samples: dict[str, list[dict]],
                      c.fluency_tolerance, source)
 
 
+@profile.phase("records_lid")
 def build_records(c: EvalConfig, sets: list[PromptSet], got: Measured,
                   baseline: Artifact | None = None) -> Records:
     """LID and degeneracy of every continuation; a degenerate one never counts as a language."""
@@ -159,6 +160,7 @@ def _skip_all(book: em.MetricBook, names: tuple[str, ...], reason: str) -> None:
         book.skip(name, reason)
 
 
+@profile.phase("statistics")
 def build_metrics(c: EvalConfig, sets: list[PromptSet], got: Measured, rec: Records,
                   baseline: Artifact | None) -> dict:
     """Every manifest metric, ``{name: {"value", "n", "missing"?}}``."""
@@ -195,6 +197,7 @@ def _baseline(c: EvalConfig) -> Artifact | None:
     return baseline
 
 
+@profile.phase("evaluate")
 def run(config: EvalConfig, out: Path | str, *, force: bool = False,
         progress: Progress = SILENT) -> Artifact:
     """Evaluate as ``config`` says; write and return the ``eval`` artifact at ``out``.

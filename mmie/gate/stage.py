@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mmie.core import provenance
+from mmie.core import profile, provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.progress import SILENT, Progress
 from mmie.gate import forward  # noqa: F401  (registers the forward-only gates)
@@ -278,6 +278,7 @@ def read_depth_inputs(baseline: Path, arms: Sequence[str], out: Path,
     return {kind: read_depth(ps, kind, base, arms) for kind, ps in given.items()}
 
 
+@profile.phase("gate")
 def run(config: GateConfig, baseline: Path, evals: Sequence[Path], out: Path,
         force: bool = False, progress: Progress = SILENT, *, relearn: Sequence[Path] = (),
         comprehension: Sequence[Path] = ()) -> Artifact:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmie.core import profile
 from mmie.core.activations import Harvest, harvest, iter_batches
 from mmie.core.artifacts import Artifact, ModelIdentity, save, sha256_file
 from mmie.core.data import TextSource, read_parallel, read_raw, read_texts
@@ -281,6 +282,7 @@ def _harvest_all(c: SelectLayersConfig, sets: TextSets, progress: Progress) -> _
         return _Harvested(forget, retain, lape, lm.identity, candidates)
 
 
+@profile.phase("select_layers")
 def run(config: SelectLayersConfig, out: Path | str, *, force: bool = False,
         progress: Progress = SILENT) -> Artifact:
     """Measure every layer, choose ``top_k``, save and return the ``layers`` artifact."""

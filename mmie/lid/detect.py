@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from mmie.core import profile
 from mmie.lid.backends import (
     BACKENDS,
     ROMANIZED,
@@ -375,6 +376,7 @@ def _detect_cached(text: str, config: LidConfig) -> LidResult:
                      MappingProxyType(votes), note + reason)
 
 
+@profile.phase("lid")
 def detect(texts: Sequence[str], config: LidConfig = LidConfig()) -> list[LidResult]:
     """Language of each text (see the module docstring for the rule)."""
     if isinstance(texts, str):

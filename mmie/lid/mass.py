@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmie.core import profile
 from mmie.lid.detect import script_of, script_shares
 
 # Script of a language for which no texts were given (any other language gets no token set).
@@ -198,6 +199,7 @@ def _mass_batch(lm, items: Sequence, id_sets: list[torch.Tensor],
             for n, m in zip(counts, masses.split(counts), strict=True)]
 
 
+@profile.phase("mass")
 def mass_scores(lm, items: Sequence, id_sets: list[Sequence[int]], *, batch_size: int = 16,
                 chunk_tokens: int = 128, progress=None, desc: str = "mass",
                 here=None) -> list[MassScores]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mmie.core import profile
 from mmie.core.artifacts import Artifact, check_model, load, save, sha256_file, sha256_json
 from mmie.core.data import read_texts
 from mmie.core.distributed import ensure_group, gather, main_writes, world
@@ -265,6 +266,7 @@ def train_all(lm: LoadedModel, split: Split, layers: list[int], cfg: SaeConfig,
     return Trained(trainer, cache, state["step"] if state else 0)
 
 
+@profile.phase("train_sae")
 def run(config: TrainSaeConfig, out: Path | str, *, force: bool = False, resume: bool = False,
         progress: Progress = SILENT) -> Artifact:
     """Train, measure and save the ``sae`` artifact; see the module docstring.

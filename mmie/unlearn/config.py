@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mmie.core import losses
+from mmie.core.head_precision import HEAD_DTYPES
 from mmie.core.models import ModelSpec
 from mmie.edits.adapters import LORA_TARGETS, METHODS, AdapterSpec
 from mmie.unlearn.objectives import get_objective, get_retain_loss, objective_names
@@ -52,6 +53,8 @@ class UnlearnConfig:
     field: JSON field / column holding the text.
     max_samples: use at most this many texts per file (None: all).
     chunk_size: tokens per vocabulary chunk in the loss functions (memory vs speed).
+    head_dtype: ``fp32`` or ``bf16``: precision of the chunked LM-head matmul
+        (:mod:`mmie.core.head_precision`; bf16 keeps the large logits and every reduction fp32).
     scrub_whiten: ``--method scrub`` only: LEACE-style whitened erasure instead of an
         orthogonal projection (:mod:`mmie.edits.interventions`).
     alternative: text file line-aligned with ``forget``: what each forget prompt should be
@@ -92,6 +95,7 @@ class UnlearnConfig:
     scrub_whiten: bool = False
     alternative: str | None = None
     validation: ValidationConfig | None = None
+    head_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.validation, dict):  # e.g. read back from a manifest or a TOML file
@@ -107,6 +111,9 @@ class UnlearnConfig:
         if self.method not in METHOD_NAMES:
             raise ValueError(f"method '{self.method}' not in {', '.join(sorted(METHOD_NAMES))}")
         _check_numbers(self)
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"head dtype must be one of {', '.join(HEAD_DTYPES)}, got "
+                             f"{self.head_dtype!r}")
         self.set_weights()
         objective = self.build_objective(layer=0)
         self.build_retain_loss()

@@ -97,6 +97,7 @@ class References:
     retain_topk: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     retain_acts: dict[int, Tensor] = field(default_factory=dict)     # [real tokens, d] per text
     alternative_logp: dict[int, float] = field(default_factory=dict)  # log p(alt | prompt)
+    cache: dict = field(default_factory=dict)  # where they came from (mmie.unlearn.refcache)
 
 
 def _chunks(items: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
@@ -138,9 +139,13 @@ def sequence_references(lm: LoadedModel, adapter: Adapter, rows: list[list[int]]
 def retain_references(lm: LoadedModel, adapter: Adapter, rows: list[list[int]],
                       which: Sequence[int], refs: References, *, top_k: int | None,
                       layer: int | None, batch_size: int, chunk_size: int) -> None:
-    """Top-k targets (``top_k``) and/or block-``layer`` activations for each listed example."""
+    """Top-k targets (``top_k``) and/or block-``layer`` activations for each listed example
+    that lacks them."""
     head = losses.head_params(unwrap(lm.model))
-    for chunk in _chunks(sorted(set(which)), [len(r) for r in rows], batch_size):
+    todo = [i for i in sorted(set(which))  # rows not filled yet (e.g. from the cache)
+            if (top_k is not None and i not in refs.retain_topk)
+            or (layer is not None and i not in refs.retain_acts)]
+    for chunk in _chunks(todo, [len(r) for r in rows], batch_size):
         batch = collate(lm, [rows[i] for i in chunk])
         with adapter.reference():
             out = forward(lm, batch, hidden=top_k is not None, layer=layer)

@@ -43,10 +43,12 @@ from pathlib import Path
 
 import torch
 
+from mmie.core import profile
 from mmie.core.artifacts import Artifact, content_hash, load, save, sha256_file
 from mmie.core.data import read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
 from mmie.core.errors import ArtifactError, DataError, MmieError
+from mmie.core.head_precision import head_precision
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.provenance import (
@@ -59,6 +61,7 @@ from mmie.core.provenance import (
 )
 from mmie.edits.adapters import DEFAULT_LAYERS, METHODS, Adapter, load_adapter
 from mmie.unlearn import fsdp as unlearn_fsdp
+from mmie.unlearn import refcache
 from mmie.unlearn.checkpoint import checkpoint_dir, run_identity
 from mmie.unlearn.config import UnlearnConfig, parse_options
 from mmie.unlearn.data import (
@@ -193,6 +196,7 @@ def _prepare_with(c, lm, data, layers, adapter) -> Prepared:
     return Prepared(trainer, adapter, layers, options, time.perf_counter() - start)
 
 
+@profile.phase("reference")
 def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
                 here: World) -> tuple[References, Schedule]:
     """This process's share of the batch schedule, and the reference targets of exactly the
@@ -200,6 +204,10 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
     needs, rl, refs = plan.objective.needs, plan.retain_loss, References()
     kw = dict(batch_size=c.batch_size, chunk_size=c.chunk_size)
     forget = rows.forget
+    top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
+    cache = refcache.start(lm, rows, [r for s in sets for r in s], refs, top_k=top_k, layer=(
+        plan.act_layer if needs.reference_activations else None), settings={
+        **kw, "head_dtype": c.head_dtype})
     order = _curriculum(lm, adapter, rows, refs, here, kw) if c.curriculum else None
     schedule = build_schedule(len(forget), [len(s) for s in sets], c.set_weights(), c.steps,
                               c.batch_size, c.seed, order).local(here)
@@ -209,11 +217,11 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
     if needs.reference_alternative:
         sequence_references(lm, adapter, rows.alternative, rows.alternative_starts, visited,
                             refs.alternative_logp, None, **kw)
-    top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
     if top_k is not None or needs.reference_activations:
         retain = [row for s in sets for row in s]
         retain_references(lm, adapter, retain, sum(schedule.retain, []), refs, top_k=top_k,
                           layer=plan.act_layer if needs.reference_activations else None, **kw)
+    refs.cache = cache.store(refs) if cache is not None else {"used": False}
     return refs, schedule
 
 
@@ -238,6 +246,7 @@ def _metrics(curve: list[dict], resumed: int, prepared: Prepared, data: TextData
             "seconds_per_step": statistics.mean(timed) if timed else None,
             "median_seconds_per_step": statistics.median(timed) if timed else None,
             "reference_seconds": prepared.reference_seconds, "data": data.records(c),
+            "reference_cache": prepared.trainer.refs.cache,
             "processes": prepared.trainer.processes, "fsdp": prepared.trainer.sharded}
 
 
@@ -291,6 +300,7 @@ def _identity(c: UnlearnConfig, lm: LoadedModel) -> dict:
     return run_identity({**_recorded(c), "base_model": lm.identity.fingerprint})
 
 
+@profile.phase("unlearn")
 def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool = False,
                   progress: Progress = SILENT) -> Artifact:
     """One seed: train, save the ``adapter`` artifact, remove the edit, release the model."""
@@ -307,14 +317,15 @@ def train_adapter(c: UnlearnConfig, out: Path, *, force: bool = False, resume: b
     if c.validation and resume and ckpt.is_dir():
         raise MmieError(f"{ckpt}: --resume of a run with validation is not supported (the "
                         "best checkpoint so far is kept in memory); rerun without --resume")
-    with loaded(c.model) as lm:
+    with loaded(c.model) as lm, head_precision(c.head_dtype):
         prepared = prepare(c, lm, data, parent)
         try:
             keeper = _keeper(c, lm, prepared, data)
             desc = f"unlearn {c.method}-{c.objective} seed {c.seed}"
             loop = Loop(c.steps, c.method_lr(), c.checkpoint_every, ckpt, _identity(c, lm),
                         desc, main, keeper, c.validation.every if c.validation else 0)
-            curve, resumed = train(prepared.trainer, loop, resume, progress)
+            with profile.phase("train"):
+                curve, resumed = train(prepared.trainer, loop, resume, progress)
             metrics, files = _metrics(curve, resumed, prepared, data, c), {}
             if keeper is not None:  # puts the chosen checkpoint's weights back
                 metrics["validation"], files = keeper.finish()

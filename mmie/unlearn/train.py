@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mmie.core import losses
+from mmie.core import losses, profile
 from mmie.core.distributed import sharded_engine
 from mmie.core.errors import MmieError
 from mmie.core.models import LoadedModel, unwrap
@@ -341,15 +341,18 @@ class Trainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         batches = self.batches(step)
-        parts = self.module(batches, self.scales(self.counts(batches)))
+        with profile.phase("forward"):
+            parts = self.module(batches, self.scales(self.counts(batches)))
         values = self._global(parts)
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDiverged(f"step {step + 1}: loss is not finite ({_fmt(values)})")
-        self.accelerator.backward(parts["loss"])
+        with profile.phase("backward"):
+            self.accelerator.backward(parts["loss"])
         norm = self._clip()
         if not math.isfinite(norm):  # gradients are already averaged: every process agrees
             raise TrainingDiverged(f"step {step + 1}: gradient norm is {norm} ({_fmt(values)})")
-        self.optimizer.step()
+        with profile.phase("optimizer"):
+            self.optimizer.step()
         return {"step": step + 1, **values, "grad_norm": norm,
                 "seconds": time.perf_counter() - start}
 
