@@ -122,7 +122,9 @@ def timed(trainer: Trainer, args: argparse.Namespace) -> tuple[list[float], list
 def compare(trainer: Trainer, step: int) -> dict[str, float]:
     """Both losses on one batch, after training moved the adapter away from the identity."""
     with torch.no_grad():
-        ours = {k: float(v) for k, v in trainer.losses(step).items()}
+        batches = trainer.batches(step)
+        ours = {k: float(v) for k, v in
+                trainer.losses(batches, trainer.scales(trainer.counts(batches))).items()}
         naive = {k: float(v) for k, v in naive_losses(trainer, step).items()}
     # objectives put the weighted retain term in "retain"; NPO's default weight is 1
     return {"npo_ours": ours["forget"], "npo_naive": naive["forget"],
