@@ -77,7 +77,7 @@ def _forget_rows(p: Profile, n: int, rng) -> list[dict]:
         lang = ["hi", "und", "zh", "en"][kind]
         rows.append({"set": "forget", "idx": i, "lang": lang, "is_forget": int(kind == 0),
                      "is_own": None, "degenerate": int(kind == 1),
-                     "fluent": bool(kind == 3 and rng.random() >= p.unfluent),
+                     "fluent": int(kind == 3 and rng.random() >= p.unfluent),  # 0/1, as evaluate
                      "fluency_nll": float(p.fluency + rng.normal(0, 0.2))})
     return rows
 

@@ -303,6 +303,9 @@ def test_one_definition_of_substitution_replacement_and_ppl_ratio():
     assert sub["other"] == em.Metric(2 / 8, 8) and sub["replacement"] == em.Metric(2 / 8, 8)
     assert em.fluent_replacement({"lang": "en", "degenerate": 0}, "en")  # no fluent field
     assert not em.fluent_replacement({"lang": "en", "degenerate": 0, "fluent": False}, "en")
+    # samples.jsonl stores the flag as 0/1 (a real eval of an English-answering arm)
+    assert em.fluent_replacement({"lang": "en", "degenerate": 0, "fluent": 1}, "en")
+    assert not em.fluent_replacement({"lang": "en", "degenerate": 0, "fluent": 0}, "en")
     assert not em.fluent_replacement({"lang": "und", "degenerate": 1, "fluent": True}, "en")
     # exp(token-weighted mean NLL difference): NLL 2.1 vs 2.0 nats/token
     assert float(em.ppl_ratio(2.1, 2.0)) == pytest.approx(math.exp(0.1))

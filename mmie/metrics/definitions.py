@@ -123,8 +123,10 @@ def replaced_by(label: str, replacement: str) -> bool:
 
 def fluent_replacement(record: Mapping, replacement: str) -> bool:
     """In the replacement language, not degenerate, and fluent where fluency was judged
-    (a record without a ``fluent`` field counts on the label alone)."""
-    return replaced_by(record_label(record), replacement) and record.get("fluent", True) is True
+    (a record without a ``fluent`` value counts on the label alone). samples.jsonl stores the
+    flag as 0/1, so it is read as a truth value, never compared with ``True``."""
+    fluent = record.get("fluent")
+    return replaced_by(record_label(record), replacement) and (fluent is None or bool(fluent))
 
 
 def substituted(label: str, forget_lang: str, replacement: str) -> bool:
