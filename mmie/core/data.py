@@ -181,8 +181,11 @@ def batched(items: Sequence, size: int):
 
 
 def text_hash(text: str) -> str:
-    """Content hash of one text, whitespace runs collapsed (a re-wrapped copy is the same
-    text): how held-out splits are checked against training texts."""
+    """Content hash of one text, NFC-normalised with whitespace runs collapsed (a re-wrapped or
+    re-encoded copy is the same text): how held-out, validation and attack texts are checked
+    against the texts a model was trained or evaluated on."""
     import hashlib
+    import unicodedata
 
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+    canonical = " ".join(unicodedata.normalize("NFC", text).split())
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

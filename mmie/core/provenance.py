@@ -188,10 +188,14 @@ def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
             for k in sorted({*a, *b} - skip) if a.get(k) != b.get(k)]
 
 
+def file_hash(path: str | Path) -> str | None:
+    """The sha256 of an input file (None for a folder or a hub name)."""
+    return sha256_file(Path(path)) if Path(path).is_file() else None
+
+
 def file_hashes(paths: Iterable[str | Path | None]) -> dict[str, str | None]:
-    """The sha256 of each input file (None for a folder or a hub name)."""
-    return {str(p): sha256_file(Path(p)) if Path(p).is_file() else None
-            for p in paths if p}
+    """:func:`file_hash` of each path given."""
+    return {str(p): file_hash(p) for p in paths if p}
 
 
 def refuse_same_texts(forget: str | Path, retain: Sequence[str | Path]) -> None:

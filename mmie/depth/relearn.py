@@ -15,14 +15,12 @@ from the artifact alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmie.core.artifacts import Artifact, ModelIdentity, save, sha256_file
-from mmie.core.data import read_texts
+from mmie.core.data import read_texts, text_hash
 from mmie.core.errors import ArtifactError, DataError
 from mmie.core.models import ModelSpec, loaded
 from mmie.core.progress import SILENT, Progress
@@ -69,12 +67,6 @@ class RelearnConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 2, got {value}")
         if self.batch_size < 1 or self.n_boot < 1 or not 0 < self.alpha < 1:
             raise ValueError("batch_size >= 1, n_boot >= 1 and alpha in (0, 1) are required")
-
-
-def text_hash(text: str) -> str:
-    """sha256 of the NFC-normalised text with runs of whitespace collapsed to one space."""
-    canonical = " ".join(unicodedata.normalize("NFC", text).split())
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 @dataclass

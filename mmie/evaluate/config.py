@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from mmie.core.artifacts import sha256_file
 from mmie.core.data import filter_texts, read_texts, split_prompt
 from mmie.core.generation import GenerationSettings
 from mmie.core.models import ModelSpec
+from mmie.core.provenance import file_hash
 from mmie.metrics.definitions import ROMAN_SUFFIX
 
 
@@ -182,15 +181,11 @@ def read_sets(c: EvalConfig) -> list[PromptSet]:
     return sets
 
 
-def _file_hash(path: str) -> str | None:
-    return sha256_file(Path(path)) if Path(path).is_file() else None
-
-
 def data_record(c: EvalConfig, sets: list[PromptSet]) -> dict:
     """What `gate` checks is identical between the baseline and every arm."""
-    files = {s.name: _file_hash(s.path) for s in sets}
+    files = {s.name: file_hash(s.path) for s in sets}
     if c.forget_train:
-        files["forget_train"] = _file_hash(c.forget_train)
+        files["forget_train"] = file_hash(c.forget_train)
     return {"files": files, "n_prompts": c.n_prompts, "max_new_tokens": c.max_new_tokens,
             "forget_lang": c.forget_lang, "retain_lang": c.retain_lang,
             "replacement_lang": c.replacement_lang, "protected": list(c.protected),

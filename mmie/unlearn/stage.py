@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from mmie.core import profile
-from mmie.core.artifacts import Artifact, content_hash, load, save, sha256_file
+from mmie.core.artifacts import Artifact, content_hash, load, save
 from mmie.core.data import read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
 from mmie.core.errors import ArtifactError, DataError, MmieError
@@ -55,6 +55,7 @@ from mmie.core.provenance import (
     check_out,
     check_overlap,
     config_inputs,
+    file_hash,
     file_hashes,
     refuse_same_texts,
     setting_changes,
@@ -96,15 +97,11 @@ class TextData:
 
     def records(self, c: UnlearnConfig) -> dict:
         weights = c.set_weights()
-        sets = [{"path": p, "name": n, "n": len(t), "weight": w, "sha256": _file_hash(p)}
+        sets = [{"path": p, "name": n, "n": len(t), "weight": w, "sha256": file_hash(p)}
                 for p, n, t, w in zip(c.retain, c.set_names(), self.retain, weights, strict=True)]
         alt = {"alternative": self.alternative.record} if self.alternative else {}
-        return {"forget": {"path": c.forget, "n": len(self.forget), "sha256": _file_hash(c.forget)},
+        return {"forget": {"path": c.forget, "n": len(self.forget), "sha256": file_hash(c.forget)},
                 "retain": sets, **alt}
-
-
-def _file_hash(path: str) -> str | None:
-    return sha256_file(Path(path)) if Path(path).is_file() else None
 
 
 def read_data(c: UnlearnConfig) -> TextData:
