@@ -6,6 +6,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+import torch
+
 from mmie.core.progress import Progress, Task
 from tests.conftest import REPO
 
@@ -40,3 +43,14 @@ def launch_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", **extra)
     return env
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Import into a test module to run it on one torch thread: tiny models gain nothing from
+    threads, and on a busy 2-core machine every OpenMP barrier costs milliseconds per op (and
+    launched processes run with OMP_NUM_THREADS=1, so the kernels match)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -45,6 +45,7 @@ from mmie.sae.modules import SaeConfig, build_sae
 from mmie.train_sae.stage import TrainSaeConfig
 from mmie.train_sae.stage import run as run_sae
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 # tiny models take ~215 KB in float32: embeddings and blocks 0-1 fit, blocks 2-3 go to disk
 CPU_CAP = {"cpu": "150KB"}
@@ -54,13 +55,6 @@ ALL = [0, 1, 2, 3]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine run faster without thread hand-offs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def split_spec(plain: ModelSpec, folder: Path, cap=None) -> ModelSpec:

@@ -5,7 +5,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mmie.cli import app
@@ -17,6 +16,7 @@ from mmie.evaluate import passes as eval_pass
 from mmie.evaluate import stage as evaluate
 from mmie.evaluate.stage import EvalConfig, arm_name, read_sets, run
 from mmie.gate.metrics import read_eval
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from .conftest import EN, HI, write_jsonl
 
@@ -31,13 +31,6 @@ SAMPLE_FIELDS = {"set", "idx", "prompt", "generation", "lang", "script", "confid
                  "is_forget", "is_own", "degenerate", "und", "fluency_nll", "fluent"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine run faster without thread hand-offs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

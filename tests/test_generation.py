@@ -16,17 +16,11 @@ from mmie.core.generation import (
     text_items,
 )
 from mmie.core.models import ModelSpec, loaded
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 PROMPTS = ["hello there my good friend, how", "a", "नमस्ते दुनिया", "xyz", "the cat sat on the"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine run faster without thread hand-offs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from mmie.edits.interventions import (
 from mmie.sae.modules import SaeConfig, build_sae
 from mmie.unlearn.stage import UnlearnConfig, run
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 LLAMA = ModelSpec(name="tiny:llama", device="cpu")
 # PEFT calls a transformers method deprecated in v5; not ours to fix
@@ -30,13 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 IDS = torch.tensor([[1, 80, 81, 82, 83, 84, 85, 86]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads; OpenMP barriers are slow on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

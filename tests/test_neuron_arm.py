@@ -19,17 +19,12 @@ from mmie.edits.neurons import mask_tensors
 from mmie.evaluate.stage import EvalConfig, run
 from mmie.neurons.stage import SelectConfig, run_select
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 TINY = ModelSpec(name="tiny:llama", device="cpu")
 IDENT = ModelIdentity("synthetic", "Synthetic", 1, 8, 10, {"weights_sha256": "ab"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mask(path: Path, identity: ModelIdentity, selected: dict[int, list[int]], width: int = 64,

@@ -35,7 +35,10 @@ from mmie.unlearn.stage import UnlearnConfig, checkpoint_dir
 from mmie.unlearn.stage import run as unlearn
 from tests.conftest import EN, HI, write_jsonl
 from tests.gate_synth import BASE as BASELINE
-from tests.helpers import StopAfter
+from tests.helpers import (
+    StopAfter,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+)
 from tests.test_gate import WORKING
 from tests.test_gate import _write as make_eval
 
@@ -45,12 +48,6 @@ QWEN = ModelSpec(name="tiny:qwen2", device="cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -15,17 +15,11 @@ from mmie.sae.modules import (
     register_sae,
 )
 from mmie.train_sae.optim import dense_topk_loss, make_optimizer, metrics, train_step
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 ARCHS = ("topk", "batchtopk", "matryoshka")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core box extra threads only add spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def identity_sae(arch: str = "topk", **overrides) -> SparseAutoencoder:

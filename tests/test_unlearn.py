@@ -26,7 +26,10 @@ from mmie.unlearn.objectives import GradientAscent
 from mmie.unlearn.stage import UnlearnConfig, checkpoint_dir, run, run_seeds
 from mmie.unlearn.train import TrainingDiverged
 from tests.conftest import EN, HI, write_jsonl
-from tests.helpers import StopAfter
+from tests.helpers import (
+    StopAfter,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+)
 
 UR = ["میں آج بازار جا رہا ہوں", "یہ کتاب بہت اچھی ہے", "بارش کے بعد موسم ٹھنڈا ہو گیا",
       "ہمارے گاؤں میں ایک پرانا مندر ہے", "بچے میدان میں کرکٹ کھیل رہے ہیں",
@@ -36,14 +39,6 @@ LLAMA = ModelSpec(name="tiny:llama", device="cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine every OpenMP barrier can
-    # cost milliseconds per op: one thread keeps these tests fast everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each launched process runs (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +192,7 @@ from mmie.core.distributed import world
 from mmie.core.models import ModelSpec
 from mmie.unlearn.objectives import GradientAscent
 from mmie.unlearn.stage import UnlearnConfig, run
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 original, calls = GradientAscent.forget_loss, []
 

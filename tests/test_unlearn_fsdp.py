@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from mmie.core.artifacts import load
 from mmie.unlearn.fsdp import check
 from mmie.unlearn.stage import run
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from tests.test_unlearn_ddp import assert_same_run, cli_args, config, launch
 
 pytestmark = [
@@ -35,15 +35,6 @@ def files(tmp_path) -> dict[str, Path]:
             "en": write_jsonl(tmp_path / "en.jsonl", EN)}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each launched process runs (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.usefixtures("one_thread")
 def test_lora_under_fsdp_matches_one_process_and_saves_full_lora_weights(
         files, tmp_path, monkeypatch):
     settings = dict(method="lora", objective="npo", rank=4, lr=1e-2, seed=1, checkpoint_every=0)
