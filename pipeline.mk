@@ -1,4 +1,5 @@
 # The pipeline, one artifact per stage; each target's manifest.json is its completion mark.
+# ARMS picks the arms: lora-redirect, lora-npo, reft-graddiff, reft-graddiff+sae-gate.
 # Extra options per stage, e.g. SL_OPTS="--max-samples 100" GATE_OPTS="--n-boot 2000".
 SL_OPTS ?=
 SAE_OPTS ?=
@@ -6,54 +7,77 @@ UNLEARN_OPTS ?=
 EVAL_OPTS ?=
 GATE_OPTS ?=
 COMMON := --model $(MODEL)
-# The forget set is split: unlearning trains on the first TRAIN_LINES texts, evaluation prompts
-# come from the rest (held out), and membership inference compares the two.
-TRAIN_LINES ?= 160
+# Every text file is cut the same way (the sample files are line-aligned): lines 1-TRAIN_LINES
+# train the edit, the next VAL_LINES choose its checkpoint (--val-*), the rest are the held-out
+# test texts that evaluate and gate report on. No text is both trained or selected on and
+# reported; membership inference compares the forget train and test splits.
+TRAIN_LINES ?= 130
+VAL_LINES ?= 30
 SPLIT := $(OUT)/data
-FORGET_TRAIN := $(SPLIT)/forget_train.jsonl
-FORGET_HELDOUT := $(SPLIT)/forget_heldout.jsonl
+SPLIT_DONE := $(SPLIT)/.done
+SPLIT_SRC = forget=$(FORGET) retain=$(RETAIN) $(foreach l,$(PROTECT_LANGS),$(l)=$(DATA)/$(l).jsonl) \
+  $(if $(ROMANIZED),romanized=$(ROMANIZED))
 SEED_DIRS := $(foreach s,$(SEEDS),seed$(s))
 LAYERS := $(OUT)/layers/manifest.json
-EVAL_ARGS = $(COMMON) --forget $(FORGET_HELDOUT) --forget-train $(FORGET_TRAIN) \
-  --retain $(RETAIN) $(XLANG) $(EXTRA_EVAL) \
+EVAL_ARGS = $(COMMON) --forget $(SPLIT)/forget.test.jsonl --forget-train $(SPLIT)/forget.train.jsonl \
+  --retain $(SPLIT)/retain.test.jsonl $(foreach l,$(PROTECT_LANGS),--xlang $(l)=$(SPLIT)/$(l).test.jsonl) \
+  $(if $(ROMANIZED),--romanized $(SPLIT)/romanized.test.jsonl) $(EXTRA_EVAL) \
   --layers $(OUT)/layers --n-prompts $(N_PROMPTS) --out $(@D) --force $(EVAL_OPTS)
-UNLEARN_ARGS = $(COMMON) --forget $(FORGET_TRAIN) --retain $(RETAIN) $(PROTECT) --layers $(OUT)/layers \
+# The first retain set is English, line-aligned with the forget texts: redirect's alternative.
+UNLEARN_ARGS = $(COMMON) --forget $(SPLIT)/forget.train.jsonl --retain $(SPLIT)/retain.train.jsonl \
+  $(foreach l,$(PROTECT_LANGS),--retain $(SPLIT)/$(l).train.jsonl) \
+  --val-forget $(SPLIT)/forget.val.jsonl --val-retain $(SPLIT)/retain.val.jsonl \
+  $(foreach l,$(PROTECT_LANGS),--val-protect $(l)=$(SPLIT)/$(l).val.jsonl) --val-every $(VAL_EVERY) \
   --steps $(STEPS) --seed $(*:seed%=%) --out $(@D) --force $(UNLEARN_OPTS)
 
-$(FORGET_TRAIN): $(FORGET)
+$(SPLIT_DONE): $(FORGET) $(RETAIN) $(foreach l,$(PROTECT_LANGS),$(DATA)/$(l).jsonl) $(ROMANIZED)
 	mkdir -p $(@D)
-	head -n $(TRAIN_LINES) $< > $@
+	v=$$(($(TRAIN_LINES) + 1)); t=$$(($(TRAIN_LINES) + $(VAL_LINES))); \
+	for pair in $(SPLIT_SRC); do \
+	  name=$${pair%%=*}; src=$${pair#*=}; \
+	  sed -n "1,$(TRAIN_LINES)p" $$src > $(@D)/$$name.train.jsonl; \
+	  sed -n "$$v,$${t}p" $$src > $(@D)/$$name.val.jsonl; \
+	  tail -n +$$((t + 1)) $$src > $(@D)/$$name.test.jsonl; \
+	  test -s $(@D)/$$name.test.jsonl || { echo "$$src has no texts after line $$t" >&2; exit 1; }; \
+	done
+	touch $@
 
-$(FORGET_HELDOUT): $(FORGET)
-	mkdir -p $(@D)
-	tail -n +$$(($(TRAIN_LINES) + 1)) $< > $@
-	@test -s $@ || { echo "$(FORGET) has no texts after line $(TRAIN_LINES)" >&2; rm -f $@; exit 1; }
-
-$(LAYERS): $(FORGET) $(RETAIN)
-	$(MMIE) select-layers $(COMMON) --forget $(FORGET) --retain $(RETAIN) --out $(@D) --force \
+$(LAYERS): $(SPLIT_DONE)
+	$(MMIE) select-layers $(COMMON) --forget $(SPLIT)/forget.train.jsonl \
+	  --retain $(SPLIT)/retain.train.jsonl --out $(@D) --force \
 	  $(SL_OPTS)
 
 $(OUT)/sae/manifest.json: $(LAYERS)
-	$(MMIE) train-sae $(COMMON) --layers $(OUT)/layers --forget $(FORGET) --retain $(RETAIN) \
+	$(MMIE) train-sae $(COMMON) --layers $(OUT)/layers --forget $(SPLIT)/forget.train.jsonl \
+	  --retain $(SPLIT)/retain.train.jsonl \
 	  --tokens $(SAE_TOKENS) --out $(@D) --force $(SAE_OPTS)
 
-$(OUT)/eval-base/manifest.json: $(LAYERS) $(FORGET_TRAIN) $(FORGET_HELDOUT)
+$(OUT)/eval-base/manifest.json: $(LAYERS) $(SPLIT_DONE)
 	$(MMIE) evaluate $(EVAL_ARGS) --arm base
 
-$(OUT)/lora-npo/%/manifest.json: $(LAYERS) $(FORGET_TRAIN)
+$(OUT)/lora-npo/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
 	$(MMIE) unlearn --method lora --objective npo $(UNLEARN_ARGS)
 
-$(OUT)/reft-graddiff/%/manifest.json: $(LAYERS) $(FORGET_TRAIN)
-	$(MMIE) unlearn --method reft --objective graddiff $(UNLEARN_ARGS)
+# The selective arm (README, "Selective forgetting"): LoRA trained to continue each Hindi
+# prompt with its aligned English sentence, KL to the frozen model on English, Urdu, Punjabi and
+# Bengali, checkpoint chosen on validation.
+$(OUT)/lora-redirect/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
+	$(MMIE) unlearn --method lora --objective redirect $(REDIRECT_OPTS) $(UNLEARN_ARGS)
 
-$(OUT)/eval-lora-npo/%/manifest.json: $(OUT)/lora-npo/%/manifest.json $(FORGET_HELDOUT)
+$(OUT)/reft-graddiff/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
+	$(MMIE) unlearn --method reft --objective graddiff --layers $(OUT)/layers $(UNLEARN_ARGS)
+
+$(OUT)/eval-lora-npo/%/manifest.json: $(OUT)/lora-npo/%/manifest.json $(SPLIT_DONE)
 	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
 
-$(OUT)/eval-reft-graddiff/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json $(FORGET_HELDOUT)
+$(OUT)/eval-lora-redirect/%/manifest.json: $(OUT)/lora-redirect/%/manifest.json $(SPLIT_DONE)
+	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
+
+$(OUT)/eval-reft-graddiff/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json $(SPLIT_DONE)
 	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
 
 $(OUT)/eval-reft-graddiff+sae-gate/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json \
-                                                    $(OUT)/sae/manifest.json $(FORGET_HELDOUT)
+                                                    $(OUT)/sae/manifest.json $(SPLIT_DONE)
 	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D) --sae $(OUT)/sae --sae-gate
 
 EVALS := $(foreach a,$(ARMS),$(foreach s,$(SEED_DIRS),$(OUT)/eval-$(a)/$(s)/manifest.json))
