@@ -37,14 +37,17 @@ class Profile:
     own_mass: float        # mean own-language mass on xlang texts
     mia_gap: float         # member loss lowered by this much (0: no membership signal)
     fluency: float = 3.0   # base-model NLL of 'forget' continuations
+    forget_rise: float = 0.0  # loss raised by this much on every forget text (MIA rows)
 
 
 BASE = Profile(forget=0.9, degenerate=0.02, substitute=0.03, unfluent=0.0, leak=0.01, own=0.97,
                variant=0.5, nll=2.0, forget_mass=0.8, own_mass=0.7, mia_gap=0.0)
 GOOD = Profile(forget=0.005, degenerate=0.01, substitute=0.01, unfluent=0.01, leak=0.005,
-               own=0.97, variant=0.02, nll=2.005, forget_mass=0.2, own_mass=0.7, mia_gap=0.0)
+               own=0.97, variant=0.02, nll=2.005, forget_mass=0.2, own_mass=0.7, mia_gap=0.0,
+               forget_rise=1.0)
 PERFECT = Profile(forget=0.0, degenerate=0.0, substitute=0.0, unfluent=0.0, leak=0.0, own=1.0,
-                  variant=0.0, nll=2.0, forget_mass=0.01, own_mass=0.7, mia_gap=0.0)
+                  variant=0.0, nll=2.0, forget_mass=0.01, own_mass=0.7, mia_gap=0.0,
+                  forget_rise=1.0)
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ def mia(p: Profile, s: Sizes, rng) -> list[dict]:
     total = s.members + s.nonmembers
     loss = 3.0 + _latent(total, 5)
     return [{"idx": i, "member": int(i < s.members), "mink_pp": 0.0,
-             "loss": float(loss[i] - p.mia_gap * (i < s.members) + rng.normal(0, 0.1))}
+             "loss": float(loss[i] + p.forget_rise - p.mia_gap * (i < s.members)
+                           + rng.normal(0, 0.1))}
             for i in range(total)]
 
 

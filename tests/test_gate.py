@@ -72,8 +72,11 @@ def test_working_arm_proceeds_broken_arm_stops(evals, tmp_path):
     report = _gate_json(run(_config(), evals["baseline"], paths, tmp_path / "gate"))
     assert report["arms"]["lora-npo"]["decision"] == PROCEED, report["arms"]["lora-npo"]
     assert report["arms"]["broken"]["decision"] == STOP
-    assert {"forget_rate", "retain_ppl_ratio", "xlang_leakage:ur", "mia_privleak",
-            "forget_mass_ratio", "xlang_own_mass:ur"} <= set(report["arms"]["broken"]["failed"])
+    assert {"forget_rate", "retain_ppl_ratio", "xlang_leakage:ur", "xlang_retention:ur",
+            "forget_generalization", "forget_mass_ratio",
+            "xlang_own_mass:ur"} <= set(report["arms"]["broken"]["failed"])
+    privleak = _result(report, "mia_privleak", "broken")  # too wide to decide at these sizes
+    assert privleak["decision"] == REPORT and privleak["decisive"] is False
     rate = _result(report, "forget_rate", "lora-npo")
     assert rate["level"] == "every seed" and rate["decision"] == PASS
     assert rate["method"] == "proportion" and rate["min_n"] == 59 and rate["n"] == 160
@@ -125,8 +128,12 @@ def test_base_model_against_itself_stops(evals, tmp_path):
     for gate in ("forget_rate", "replacement", "romanized_forget", "mixed_forget",
                  "adversarial_forget"):
         assert by_gate[gate]["decision"] == FAIL, gate
-    for gate in ("retain_ppl_ratio", "forget_mass_ratio", "xlang_own_mass:ur", "mia_privleak"):
+    for gate in ("retain_ppl_ratio", "forget_mass_ratio", "xlang_own_mass:ur"):
         assert by_gate[gate]["insufficient"] and "zero-width" in by_gate[gate]["reason"], gate
+    # no loss rise on the forget-train texts: nothing unlearned, nothing to generalise
+    general = by_gate["forget_generalization"]
+    assert general["decision"] == FAIL and "did not raise the loss" in general["reason"]
+    assert by_gate["mia_privleak"]["decision"] == REPORT
 
 
 def test_base_model_against_itself_at_small_n_passes_nothing(tmp_path):
@@ -201,8 +208,10 @@ def test_nan_metric_fails_with_reason(tmp_path):
     base = _write(tmp_path, "base", "base", 0, BASE)
     arm = _write(tmp_path, "nan", "arm", 1, GOOD, edit=nan_loss)
     report = _gate_json(run(_config(), base, [arm], tmp_path / "g"))
-    mia = _result(report, "mia_privleak", "arm")
-    assert mia["decision"] == FAIL and "NaN" in mia["reason"] and mia["q"] is None
+    general = _result(report, "forget_generalization", "arm")
+    assert general["decision"] == FAIL and "NaN" in general["reason"] and general["q"] is None
+    mia = _result(report, "mia_privleak", "arm")  # report only: shown with the same reason
+    assert mia["decision"] == REPORT and "NaN" in mia["reason"]
 
 
 def test_same_seed_gives_identical_gate_json(evals, tmp_path):
@@ -221,6 +230,8 @@ def test_min_n_table_at_the_defaults():
     assert table["forget_rate"] == 59       # (1 - 0.05)^n <= 0.05
     assert table["xlang_leakage"] == 29     # (1 - 0.10)^n <= 0.05
     assert table["replacement"] == 14       # 0.8^n <= 0.05
+    assert table["xlang_retention"] == 29   # kept share: 0.05^(1/29) > 0.90
+    assert table["forget_generalization"] == 20  # the bootstrap floor
     assert table["retain_ppl_ratio"] == 20  # the bootstrap floor
 
 

@@ -12,8 +12,9 @@ are discoveries on their own (``q``), never across arms, so an arm's report does
 on which other arms were run.
 
 A gate below its smallest passable sample size (``min_n``), or whose interval has zero width,
-FAILs with "insufficient evidence". A prompt-family gate whose baseline rate is below its floor
-is "not informative": shown, not decisive.
+FAILs with "insufficient evidence". A prompt-family gate whose baseline rate is below its floor,
+or so low that even an arm with no forget-language answer could not pass at this n, is "not
+informative": shown, not decisive.
 """
 
 from __future__ import annotations
@@ -169,16 +170,42 @@ def _seed_values(found: dict) -> Comparison:
     return Comparison(len(values), lambda idx: values[idx].mean(axis=-1))
 
 
-def _floor_check(res: GateResult, found: dict, floor: float | None) -> GateResult | None:
+def _floor_check(res: GateResult, found: dict, floor: float | None,
+                 alpha: float) -> GateResult | None:
+    """A prompt-family gate the baseline leaves nothing to judge on: shown, not decisive."""
     if floor is None:
         return None
     rates = [ev.xb / ev.n for ev in found.values()]
-    if min(rates) >= floor:
+    if min(rates) < floor:
+        return replace(res, decisive=False, decision=NOT_INFORMATIVE,
+                       reason=f"not informative: the baseline's own rate on this family is "
+                              f"{min(rates):.3g} < floor {floor:g}, so no arm can show a drop; "
+                              "shown, not decisive")
+    return _unpassable(res, found, alpha)
+
+
+def _unpassable(res: GateResult, found: dict, alpha: float) -> GateResult | None:
+    """Not informative when even an arm with no forget-language answer could not pass.
+
+    A baseline above the floor can still be too rare at this n: 12 of 60 leaves the ratio bound
+    of an arm at 0 of 60 at 0.553 > 0.5, so the gate would FAIL a perfect arm. An n below the
+    gate's min_n is left to "insufficient evidence" (a FAIL): that is the evaluation being too
+    small, which must not be waved through.
+    """
+    worst = None
+    for ev in found.values():
+        if res.min_n is None or ev.n < res.min_n:
+            continue
+        best = bounds.ratio_bound(0, ev.n, ev.xb, ev.n, alpha, bounds.LESS)
+        if best >= res.threshold and (worst is None or best > worst[0]):
+            worst = (best, ev)
+    if worst is None:
         return None
+    best, ev = worst
     return replace(res, decisive=False, decision=NOT_INFORMATIVE,
-                   reason=f"not informative: the baseline's own rate on this family is "
-                          f"{min(rates):.3g} < floor {floor:g}, so no arm can show a drop; "
-                          "shown, not decisive")
+                   reason=f"not informative: at n={ev.n} with the baseline at {ev.xb}/{ev.n}, "
+                          "even an arm with no forget-language answer could not pass (upper "
+                          f"bound {best:.3g} >= {res.threshold:g}); shown, not decisive")
 
 
 def _insufficient(res: GateResult, per_seed: dict) -> str | None:
@@ -203,6 +230,14 @@ def _combine(res: GateResult, per_seed: dict) -> GateResult:
                    p_raw=max(v["p"] for v in per_seed.values()))
 
 
+def _details(per_seed: dict) -> str:
+    """The evidence's own words (a Proportion's ``detail``), per seed when there are several."""
+    found = [(s, v["detail"]) for s, v in per_seed.items() if v.get("detail")]
+    if len(per_seed) == 1:
+        return "".join(f"; {text}" for _, text in found)
+    return "".join(f"; seed {s}: {text}" for s, text in found)
+
+
 def _decision(res: GateResult) -> GateResult:
     if res.ci is None:
         return replace(res, decision=REPORT if res.report_only else FAIL)
@@ -210,6 +245,7 @@ def _decision(res: GateResult) -> GateResult:
     side = _side_text(direction, res.threshold, res.ci["low"], res.ci["high"])
     if len(res.per_seed) > 1:
         side += f" ({len(res.per_seed)} seeds, each must clear)"
+    side += _details(res.per_seed)
     if res.report_only:
         return replace(res, decision=REPORT, reason=f"reported only; {side}")
     if why := _insufficient(res, res.per_seed):
@@ -229,7 +265,7 @@ def judge(settings: Settings, spec: GateSpec, rule, name: str, xset: str | None,
         found = _evidence(spec, xset, seeds, base, settings.context)
         if spec.method is Method.SEED:
             found = {"seeds": _seed_values(found)}
-        skip = _floor_check(res, found, floor)
+        skip = _floor_check(res, found, floor, settings.alpha)
         if skip is not None and any(ev.xb == 0 for ev in found.values()):
             return skip
         per_seed = {s: _summarise(ev, direction, rule.threshold, settings.alpha,

@@ -1,4 +1,5 @@
-"""Forward-only gates: teacher-forced token mass (mass.jsonl) and PrivLeak (mia.jsonl).
+"""Forward-only gates: teacher-forced token mass (mass.jsonl), and forget generalisation and
+PrivLeak (mia.jsonl).
 
 They need no generation, so they cost one forward pass per text and have the statistical power
 of a continuous measure; each compares the arm with the baseline on the same texts, and the
@@ -57,24 +58,60 @@ def _mia_rows(records: EvalRecords, who: str) -> dict[tuple[int, int], float]:
     return {k: float(v) for k, v in rows.items() if v is not None}
 
 
-@register_gate("mia_privleak", Direction.WITHIN,
-               "PrivLeak: (MIA AUC arm - MIA AUC baseline) / AUC baseline, score -loss on "
-               "forget-train vs held-out texts; near 0 = no trace left", Method.BOOTSTRAP)
-def _mia_privleak(arm, base, _xset, _ctx):
+# Below this mean loss rise (nats per text) on the forget-train texts the arm unlearned nothing
+# measurable, and a ratio to the rise would divide by noise.
+MIN_RISE = 0.05
+
+
+def _mia_pairs(arm: EvalRecords, base: EvalRecords) -> tuple[np.ndarray, np.ndarray]:
+    """Member flags and ``[n, 2]`` losses (arm, baseline) of the texts both scored."""
     theirs, ours = _mia_rows(base, "baseline"), _mia_rows(arm, "arm")
     keys = sorted(set(theirs) & set(ours))
     members = np.array([k[0] for k in keys])
     if min(members.sum(), len(keys) - members.sum()) < 2:
         raise MissingInput(f"mia.jsonl pairs need >= 2 members and >= 2 non-members, got "
                            f"{int(members.sum())} and {len(keys) - int(members.sum())}")
-    scores = np.array([[-ours[k], -theirs[k]] for k in keys])
-    if not np.isfinite(scores).all():
+    losses = np.array([[ours[k], theirs[k]] for k in keys])
+    if not np.isfinite(losses).all():
         raise MissingInput("NaN/inf loss in mia.jsonl")
-    auc_arm, auc_base = (auc_statistic(scores[:, j], members) for j in (0, 1))
+    return members, losses
+
+
+@register_gate("forget_generalization", Direction.GREATER,
+               "loss rise (arm - baseline, mean NLL per text) on held-out forget texts over "
+               "that on the forget-train texts; below 1 = the trained texts are recognisable",
+               Method.BOOTSTRAP)
+def _forget_generalization(arm, base, _xset, _ctx):
+    # The baseline's loss on the same text calibrates each text's difficulty (the reference
+    # model of LiRA, Carlini et al. 2022), so what is left is what unlearning did to it.
+    members, losses = _mia_pairs(arm, base)
+    rise, member = losses[:, 0] - losses[:, 1], members.astype(bool)
+    if (trained := rise[member].mean()) <= MIN_RISE:
+        raise MissingInput(f"the arm did not raise the loss on the forget-train texts (mean "
+                           f"rise {trained:.3g} <= {MIN_RISE:g} nats); nothing was unlearned "
+                           "to generalise")
+
+    def stat(idx):
+        # the class of each drawn text, not of its position: the jackknife drops positions
+        inside, held = member[idx], ~member[idx]
+        values = rise[idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return ((values * held).sum(axis=-1) / held.sum(axis=-1)) / (
+                (values * inside).sum(axis=-1) / inside.sum(axis=-1))
+
+    return Comparison(len(rise), stat, strata=members)
+
+
+@register_gate("mia_privleak", Direction.WITHIN,
+               "PrivLeak: (MIA AUC arm - MIA AUC baseline) / AUC baseline, score -loss on "
+               "forget-train vs held-out texts; near 0 = no trace left", Method.BOOTSTRAP)
+def _mia_privleak(arm, base, _xset, _ctx):
+    members, losses = _mia_pairs(arm, base)
+    auc_arm, auc_base = (auc_statistic(-losses[:, j], members) for j in (0, 1))
 
     def stat(idx):
         base_auc = auc_base(idx)
         with np.errstate(divide="ignore", invalid="ignore"):
             return (auc_arm(idx) - base_auc) / base_auc
 
-    return Comparison(len(keys), stat, strata=members)
+    return Comparison(len(members), stat, strata=members)

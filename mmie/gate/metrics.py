@@ -12,7 +12,8 @@ of one of three kinds, which fixes how :mod:`mmie.core.bounds` bounds it:
 A gate whose inputs are absent, null everywhere or non-finite raises :class:`MissingInput`
 with the reason. Adding a gate is one registered extractor here plus its threshold in
 ``mmie/gates.toml`` (the forward-only gates on mass.jsonl and mia.jsonl register themselves
-in :mod:`mmie.gate.forward`). Substitution and the perplexity ratio are defined once, in
+in :mod:`mmie.gate.forward`, the paired kept-share gate ``xlang_retention`` in
+:mod:`mmie.gate.paired`). Substitution and the perplexity ratio are defined once, in
 :mod:`mmie.metrics.definitions`, and used by both `evaluate` and the gates.
 """
 
@@ -350,14 +351,6 @@ def _degenerate(arm, base, _xset, _ctx):
 def _xlang_leakage(arm, base, xset, _ctx):
     a, _ = paired(arm, base, xlang_set(xset), "is_forget")
     return _count(a[:, 0])
-
-
-@register_gate("xlang_retention", Direction.GREATER,
-               "own-language rate on each protected language's prompts: arm / baseline",
-               Method.RATIO, per_xlang=True)
-def _xlang_retention(arm, base, xset, _ctx):
-    a, b = paired(arm, base, xlang_set(xset), "is_own")
-    return ProportionRatio(int(a[:, 0].sum()), int(b[:, 0].sum()), len(a))
 
 
 def _family_rate(set_name: str) -> Extractor:

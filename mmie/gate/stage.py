@@ -20,7 +20,7 @@ from typing import Any
 from mmie.core import profile, provenance
 from mmie.core.artifacts import Artifact, load, save
 from mmie.core.progress import SILENT, Progress
-from mmie.gate import forward  # noqa: F401  (registers the forward-only gates)
+from mmie.gate import forward, paired  # noqa: F401  (register the forward-only and paired gates)
 from mmie.gate.decision import (  # noqa: F401  (re-exported: the stage's public names)
     FAIL,
     NOT_INFORMATIVE,

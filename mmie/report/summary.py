@@ -177,8 +177,9 @@ def gate_notes(report: dict) -> str:
             notes["insufficient evidence, too few samples to pass at this alpha: "
                   + ", ".join(short)].append(arm)
         if idle:
-            notes["not informative (the base model's own rate is below the floor; shown, not "
-                  "decisive): " + ", ".join(idle)].append(arm)
+            notes["not informative (the base model's own rate is below the floor, or too low "
+                  "for even a perfect arm to pass at this n; shown, not decisive): "
+                  + ", ".join(idle)].append(arm)
     items = [f"<li><b>{esc(', '.join(arms))}</b>: {esc(text)}</li>"
              for text, arms in notes.items()]
     return f"<ul class='notes'>{''.join(items)}</ul>" if items else ""
