@@ -103,3 +103,15 @@ def test_threads_default_counts_physical_cores(monkeypatch, tmp_path: Path):
     assert threads.idle_cores(2, 0.2) == 2 and threads.idle_cores(2, 0.7) == 1
     assert threads.idle_cores(2, 3.5) == 1 and threads.idle_cores(8, 2.0) == 6
     assert threads.wanted(load=100.0) == 1
+
+
+def test_threads_count_tasks_running_now_not_the_minute_average(monkeypatch, tmp_path: Path):
+    # /proc/loadavg's fourth field counts the reader itself: "3/94" means two others.
+    assert threads.running_others("1.90 1.33 1.39 3/94 23823\n") == 2
+    assert threads.running_others("1.90 1.33 1.39 1/94 23823\n") == 0
+    fake = tmp_path / "loadavg"
+    fake.write_text("1.95 1.80 1.70 1/120 999\n")  # a busy minute behind, idle now
+    monkeypatch.setattr(threads, "_PROC_LOADAVG", fake)
+    assert threads._load(samples=3, pause=0.0) == 0.0
+    fake.write_text("0.10 0.10 0.10 4/120 999\n")
+    assert threads._load(samples=3, pause=0.0) == 3.0

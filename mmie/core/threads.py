@@ -6,7 +6,7 @@ and small operations get hundreds of times slower (measured on a loaded 2-core m
 CLI calls :func:`configure` once at start: intra-op threads = the physical cores in this
 process's CPU affinity (``os.sched_getaffinity``, which ``taskset`` and container cpusets
 narrow), further capped by a cgroup CPU quota (``cpu.max``), less the cores other processes
-already keep busy (the 1-minute load average), at least 1; inter-op threads = 1 (mmie never
+already keep busy (tasks running now, from /proc/loadavg), at least 1; inter-op threads = 1 (mmie never
 runs independent operators in parallel). An explicit ``MMIE_THREADS`` or ``OMP_NUM_THREADS``
 wins, in that order. Measured (``bench/bench_unlearn_speedups.py``, random Gemma-3-270M-shaped
 model, 2 cores with a load average of 3-4 from other jobs): one unlearn step took 11.3 s with 2
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 ENV = ("MMIE_THREADS", "OMP_NUM_THREADS")
@@ -67,7 +68,27 @@ def explicit() -> int | None:
     return None
 
 
-def _load() -> float:
+_PROC_LOADAVG = Path("/proc/loadavg")
+
+
+def running_others(text: str) -> int:
+    """Other runnable tasks now, from /proc/loadavg's "running/total" field (which counts the
+    reader itself)."""
+    return max(0, int(text.split()[3].split("/")[0]) - 1)
+
+
+def _load(samples: int = 5, pause: float = 0.02) -> float:
+    # Tasks running *now*, the median of a few samples, not the 1-minute average: that
+    # average still counts the pipeline stage that just exited, and made every stage of a
+    # sequential `make demo` on an otherwise idle 2-core machine run on one thread.
+    try:
+        seen = []
+        for _ in range(samples):
+            seen.append(running_others(_PROC_LOADAVG.read_text()))
+            time.sleep(pause)
+        return float(sorted(seen)[len(seen) // 2])
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):  # not Unix
@@ -75,7 +96,7 @@ def _load() -> float:
 
 
 def idle_cores(cores: int, load: float) -> int:
-    """The cores other work leaves free: ``cores`` minus the 1-minute load average (taken
+    """The cores other work leaves free: ``cores`` minus the other tasks running (sampled
     before this process does any work), rounded, at least 1."""
     return max(1, min(cores, math.floor(cores - load + 0.5)))
 
