@@ -19,6 +19,9 @@ across calls.
 from the decoder's final hidden states, ``chunk_tokens`` real tokens at a time: a ``[batch,
 tokens, vocab]`` logits tensor never exists (Gemma's vocabulary has 262,144 entries).
 
+Under ``head_precision("bf16")`` (:mod:`mmie.core.head_precision`) both compute the LM head in
+bf16 with the large logits (and the scored label) exact: greedy continuations stay the fp32 ones.
+
 Both can share their batches among launched processes (``here=world()``): each process runs
 whole batches of the one-process plan, so N processes return exactly what one returns
 (:mod:`mmie.core.sharded`).
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from mmie.core import profile
 from mmie.core.distributed import World
+from mmie.core.head_precision import fast_head, head_logits
 from mmie.core.models import LoadedModel, get_decoder, input_device, lm_head, unwrap
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
@@ -284,7 +288,7 @@ def generate(lm: LoadedModel, prompts: Sequence[str],
         return _generate_batch(lm, [encoded[i] for i in chunk], config, settings)
 
     plan = length_batches([len(ids) for ids in encoded], settings.batch_size)
-    with _own_rng(settings, lm.device):
+    with _own_rng(settings, lm.device), fast_head(lm_head(lm.model)):
         return map_batches(plan, run, len(prompts), here=here, progress=progress, desc=desc)
 
 
@@ -336,10 +340,12 @@ def _token_stats(hidden: torch.Tensor, labels: torch.Tensor, lm: LoadedModel,
     softcap = getattr(unwrap(lm.model).config.get_text_config(), "final_logit_softcapping", None)
     logps, zs = [torch.empty(0)], [torch.empty(0)]
     for start in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[start:start + chunk]).float()
+        rows = labels[start:start + chunk, None].to(hidden.device)
+        # under head_precision("bf16"): the label and each row's largest logits stay exact
+        logits = head_logits(head, hidden[start:start + chunk], rows)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        rows = labels[start:start + chunk, None].to(logits.device)
+        rows = rows.to(logits.device)
         if not z:  # log p only: one logsumexp instead of four more passes over the vocabulary
             picked = logits.gather(-1, rows)[:, 0] - logits.logsumexp(-1)
             logps.append(picked.cpu())

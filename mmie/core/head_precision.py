@@ -17,15 +17,28 @@ What remains is the rounding of the many small logits, each relative error <= 2^
 effect on the logsumexp averages out; ``tests/test_head_precision.py`` bounds the difference
 against fp32. Off (``fp32``, the default) nothing changes, bit for bit. A trainable head gets
 its gradient through both paths (its bf16 copy is then cast on every call, not cached).
+
+Code that calls the head module itself uses the same arithmetic: :func:`head_logits` for the
+scoring passes (the label exact too), and :func:`fast_head` while generating, which makes the
+model's own head return these logits (each row's top 16 exact). Greedy decoding therefore picks
+the fp32 argmax unless it falls outside the bf16 product's top 16 (the bf16 error would have to
+exceed the gap between the largest logit and the 16th) or two top logits tie within fp32
+rounding (the exact recomputation sums in another order): in practice the continuations are
+the fp32 ones. A repetition penalty keeps the pick exact unless it pushes all 16 below the
+17th; sampling draws from probabilities within the bound above, not bit-identical ones. Only
+a plain bias-free fp32 ``nn.Linear`` head that no accelerate hook moves is computed this way;
+any other head keeps its own forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 HEAD_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 EXACT_TOP = 16  # per row: enough to hold nearly all of a peaked distribution's mass
@@ -78,3 +91,51 @@ def _exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     # in place: ``logits`` is this call's own fresh fp32 copy (autograd allows it), and a
     # [rows, vocab] copy costs as much as the logsumexp
     return logits.scatter_(-1, idx, exact)
+
+
+# --- the head module ------------------------------------------------------------------------
+
+def reduced() -> bool:
+    """Whether a reduced-precision head is on (inside ``head_precision("bf16")``)."""
+    return _STATE["dtype"] is not None
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """A head whose product this module may compute itself. A bias would move which logits
+    are the largest; an accelerate hook (offloading) keeps the real weight elsewhere; a wrapped
+    head (PEFT) or one whose forward someone replaced computes more than ``h @ W.T``."""
+    return (isinstance(head, nn.Linear) and head.bias is None and "forward" not in vars(head)
+            and not hasattr(head, "_hf_hook") and head.weight.dtype == torch.float32)
+
+
+def head_logits(head: nn.Module, h: Tensor, also: Tensor | None = None) -> Tensor:
+    """fp32 logits ``[rows, V]`` of hidden rows ``h`` (``[rows, d]``): ``head(h)`` as it is, or,
+    under a reduced precision, :func:`fast_logits` with the ids in ``also`` exact."""
+    fast = fast_weight(head.weight) if _plain_linear(head) else None
+    if fast is None:
+        return head(h).float()
+    return fast_logits(h, head.weight, fast, also)
+
+
+def _fast_forward(head: nn.Linear, h: Tensor) -> Tensor:
+    fast = fast_weight(head.weight)
+    if fast is None:  # fp32 asked for inside the block: the plain product
+        return F.linear(h, head.weight)
+    flat = h.reshape(-1, h.shape[-1])
+    return fast_logits(flat, head.weight, fast, None).view(*h.shape[:-1], -1)
+
+
+@contextmanager
+def fast_head(head: nn.Module) -> Iterator[None]:
+    """Inside, calling ``head`` returns :func:`fast_logits` (each row's top :data:`EXACT_TOP`
+    exact) when a reduced precision is on; otherwise, or for a head that is not a plain linear
+    layer, nothing changes. The head's forward is shadowed on the instance, so a weight tied
+    to the embedding stays fp32 and shared; the shadow goes in ``finally``."""
+    if not (reduced() and _plain_linear(head)):
+        yield
+        return
+    head.forward = partial(_fast_forward, head)
+    try:
+        yield
+    finally:
+        del head.forward

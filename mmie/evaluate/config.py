@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from mmie.core.data import filter_texts, read_texts, split_prompt
 from mmie.core.generation import GenerationSettings
+from mmie.core.head_precision import HEAD_DTYPES
 from mmie.core.models import ModelSpec
 from mmie.core.provenance import file_hash
 from mmie.metrics.definitions import ROMAN_SUFFIX
@@ -49,6 +50,10 @@ class EvalConfig:
     mink_k: share of lowest-scoring tokens averaged by Min-K%++.
     fluency_tolerance: nats per token above the retain reference's median fluency NLL that a
         continuation may score and still be ``fluent`` (:mod:`mmie.metrics.fluency`).
+    head_dtype: ``fp32`` or ``bf16``: precision of the LM-head matmul while generating and
+        scoring (:mod:`mmie.core.head_precision`): bf16 keeps each row's largest logits, the
+        scored labels and every sum fp32, so greedy continuations are the fp32 ones and
+        log-probabilities move by under 0.004 nats; fp32 is the plain path, bit for bit.
     field: JSON field or column holding the text.
     strict: a metric that cannot be computed is an error instead of a recorded gap.
     """
@@ -85,6 +90,7 @@ class EvalConfig:
     max_length: int = 256
     mink_k: float = 0.2
     fluency_tolerance: float = 1.0
+    head_dtype: str = "fp32"
     field: str = "text"
     strict: bool = False
 
@@ -102,6 +108,9 @@ class EvalConfig:
             raise ValueError(f"mink_k must be in (0, 1], got {self.mink_k}")
         if not self.fluency_tolerance >= 0:
             raise ValueError(f"fluency_tolerance must be >= 0, got {self.fluency_tolerance}")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"head dtype must be one of {', '.join(HEAD_DTYPES)}, got "
+                             f"{self.head_dtype!r}")
         self._check_langs()
         self._check_interventions()
         self.generation()  # validates the generation fields

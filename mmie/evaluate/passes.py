@@ -27,6 +27,7 @@ from mmie.core.artifacts import load
 from mmie.core.distributed import World, world
 from mmie.core.errors import ArtifactError
 from mmie.core.generation import Generation, TokenScores, generate, score, text_items
+from mmie.core.head_precision import head_precision
 from mmie.core.models import LoadedModel, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
@@ -149,7 +150,10 @@ def _with_interventions(lm: LoadedModel, c: EvalConfig, sets: list[PromptSet],
 def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World,
              progress: Progress, name: str) -> list[TokenScores]:
     items = fluency_items(lm, gens)
-    return cached_scores(lm, items, {"batch_size": c.batch_size, "z": False}, lambda: score(
+    key = {"batch_size": c.batch_size, "z": False}
+    if c.head_dtype != "fp32":  # bf16 scores differ in the last digits; fp32 keeps its old key
+        key["head_dtype"] = c.head_dtype
+    return cached_scores(lm, items, key, lambda: score(
         lm, items, batch_size=c.batch_size, progress=progress, desc=f"fluency {name}",
         here=here, z=False))
 
@@ -164,7 +168,8 @@ def measure(c: EvalConfig, sets: list[PromptSet], mia_texts: tuple[list[str], li
     and all return the same, complete result.
     """
     here = world()
-    with loaded(c.model) as lm:
+    # every pass computes the LM head at c.head_dtype (mmie.core.head_precision)
+    with loaded(c.model) as lm, head_precision(c.head_dtype):
         token_sets = build_token_sets(lm.tokenizer, langs) if langs else {}
         got = _with_interventions(lm, c, sets, mia_texts, token_sets, here, progress)
         # fluency is judged by the base model: interventions are detached by now
