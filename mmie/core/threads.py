@@ -8,8 +8,8 @@ process's CPU affinity (``os.sched_getaffinity``, which ``taskset`` and containe
 narrow), further capped by a cgroup CPU quota (``cpu.max``), less the cores other processes
 already keep busy (tasks running now, from /proc/loadavg), at least 1; inter-op threads = 1
 (mmie never runs independent operators in parallel). An explicit ``MMIE_THREADS`` or
-``OMP_NUM_THREADS`` wins, in that order. Measured (``bench/bench_unlearn_speedups.py``, random Gemma-3-270M-shaped
-model, 2 cores with a load average of 3-4 from other jobs): one unlearn step took 11.3 s with 2
+``OMP_NUM_THREADS`` wins, in that order. Measured (``bench/bench_unlearn_speedups.py``,
+random Gemma-3-270M-shaped model, 2 cores with a load average of 3-4 from other jobs): one unlearn step took 11.3 s with 2
 threads and 2.2 s with 1.
 """
 
