@@ -1,16 +1,16 @@
 """How many CPU threads torch uses: one per physical core this process may run on.
 
-PyTorch's default is every logical CPU of the machine, which on a small, shared or
-hyperthreaded machine oversubscribes the cores: OpenMP threads then spin waiting for each other
-and small operations get hundreds of times slower (measured on a loaded 2-core machine). So the
-CLI calls :func:`configure` once at start: intra-op threads = the physical cores in this
-process's CPU affinity (``os.sched_getaffinity``, which ``taskset`` and container cpusets
-narrow), further capped by a cgroup CPU quota (``cpu.max``), less the cores other processes
-already keep busy (tasks running now, from /proc/loadavg), at least 1; inter-op threads = 1
-(mmie never runs independent operators in parallel). An explicit ``MMIE_THREADS`` or
-``OMP_NUM_THREADS`` wins, in that order. Measured (``bench/bench_unlearn_speedups.py``,
-random Gemma-3-270M-shaped model, 2 cores with a load average of 3-4 from other jobs): one unlearn step took 11.3 s with 2
-threads and 2.2 s with 1.
+PyTorch's default is every logical CPU of the machine, which on a small, shared or hyperthreaded
+machine oversubscribes the cores: OpenMP threads then spin waiting for each other and small
+operations get hundreds of times slower (measured on a loaded 2-core machine). So the CLI calls
+:func:`configure` once at start: intra-op threads = the physical cores in this process's CPU
+affinity (``os.sched_getaffinity``, which ``taskset`` and container cpusets narrow), further
+capped by a cgroup CPU quota (``cpu.max``), less the cores other processes already keep busy
+(tasks running now, from /proc/loadavg), at least 1; inter-op threads = 1 (mmie never runs
+independent operators in parallel). An explicit ``MMIE_THREADS`` or ``OMP_NUM_THREADS`` wins, in
+that order. Measured (``bench/bench_unlearn_speedups.py``, random Gemma-3-270M-shaped model, 2
+cores with a load average of 3-4 from other jobs): one unlearn step took 11.3 s with 2 threads
+and 2.2 s with 1.
 """
 
 from __future__ import annotations
