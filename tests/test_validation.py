@@ -256,3 +256,23 @@ def test_validation_under_two_processes_matches_one(files, tmp_path):
     assert [r["step"] for r in b["curve"]] == [0, 2, 3]
     for ra, rb in zip(a["curve"], b["curve"], strict=True):
         assert rb["retain_nll"] == pytest.approx(ra["retain_nll"], rel=1e-4)
+
+
+def test_pack_texts_is_a_sliding_window_of_newline_joined_texts():
+    from mmie.core.data import pack_texts
+    assert pack_texts(["a", "b", "c"], 1) == ["a", "b", "c"]
+    assert pack_texts(["a", "b", "c"], 2) == ["a\nb", "b\nc"]
+    assert pack_texts(["a", "b"], 3) == ["a\nb"]
+    with pytest.raises(ValueError, match="pack"):
+        pack_texts(["a"], 0)
+
+
+def test_retain_pack_packs_retain_and_protected_texts_not_forget_or_alternatives(files):
+    from mmie.unlearn.stage import read_data
+    data = read_data(replace(_config(files), retain_pack=2))
+    assert len(data.retain[0]) == 7 and data.retain[0][0] == EN[0] + "\n" + EN[1]
+    assert data.forget == HI[:8]
+    assert data.validation.protect["ur"] == [UR[i] + "\n" + UR[i + 1] for i in range(3)]
+    assert data.validation.forget == HI[8:]
+    with pytest.raises(ValueError, match="retain pack"):
+        replace(_config(files), retain_pack=0)

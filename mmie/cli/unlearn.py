@@ -163,6 +163,10 @@ def unlearn_cmd(
         "--head-dtype", help="LM-head matmul precision in the losses: fp32 or bf16 (about 3x "
                              "faster on CPUs with AVX-512 BF16; large logits and sums stay "
                              "fp32).")] = "fp32",
+    retain_pack: Annotated[int, typer.Option(
+        "--retain-pack", help="Join each run of N consecutive retain (and --val-protect) texts "
+                              "with a newline, so the retain loss sees what follows a "
+                              "sentence's end (1: as given).")] = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     blocks_path: BlocksPathOpt = None,
@@ -193,7 +197,7 @@ def unlearn_cmd(
             max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative,
             validation=validation_config(val_forget, val_retain, val_protect, val_every,
                                          val_fallback),
-            head_dtype=head_dtype)
+            head_dtype=head_dtype, retain_pack=retain_pack)
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

@@ -133,6 +133,18 @@ def read_texts(path: str | Path, field: str = "text", limit: int | None = None) 
     return texts[:limit] if limit else texts
 
 
+def pack_texts(texts: Sequence[str], k: int) -> list[str]:
+    """Each run of ``k`` consecutive texts joined by a newline (a sliding window: ``n - k + 1``
+    texts; all of them joined when there are fewer than ``k``); ``k = 1`` returns the texts."""
+    if k < 1:
+        raise ValueError(f"pack must be >= 1, got {k}")
+    if k == 1:
+        return list(texts)
+    if len(texts) <= k:
+        return ["\n".join(texts)]
+    return ["\n".join(texts[i:i + k]) for i in range(len(texts) - k + 1)]
+
+
 def read_parallel(paths: Sequence[str | Path], field: str = "text",
                   limit: int | None = None) -> list[tuple[str, ...]]:
     """Line-aligned files read together; a line empty in any file drops the whole row."""

@@ -55,6 +55,12 @@ class UnlearnConfig:
     chunk_size: tokens per vocabulary chunk in the loss functions (memory vs speed).
     head_dtype: ``fp32`` or ``bf16``: precision of the chunked LM-head matmul
         (:mod:`mmie.core.head_precision`; bf16 keeps the large logits and every reduction fp32).
+    retain_pack: join each run of this many consecutive texts of a retain set (and of each
+        ``--val-protect`` set) with a newline, a sliding window (1: the texts as given). Why:
+        single-sentence retain texts never show the model what follows the end of a sentence,
+        and that is where a redirect-trained edit switched Bengali answers to English
+        (README, "Selective forgetting"); packed texts put that position under the retain
+        loss and the validation rule.
     scrub_whiten: ``--method scrub`` only: LEACE-style whitened erasure instead of an
         orthogonal projection (:mod:`mmie.edits.interventions`).
     alternative: text file line-aligned with ``forget``: what each forget prompt should be
@@ -96,6 +102,7 @@ class UnlearnConfig:
     alternative: str | None = None
     validation: ValidationConfig | None = None
     head_dtype: str = "fp32"
+    retain_pack: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.validation, dict):  # e.g. read back from a manifest or a TOML file
@@ -111,6 +118,8 @@ class UnlearnConfig:
         if self.method not in METHOD_NAMES:
             raise ValueError(f"method '{self.method}' not in {', '.join(sorted(METHOD_NAMES))}")
         _check_numbers(self)
+        if self.retain_pack < 1:
+            raise ValueError(f"retain pack must be >= 1, got {self.retain_pack}")
         if self.head_dtype not in HEAD_DTYPES:
             raise ValueError(f"head dtype must be one of {', '.join(HEAD_DTYPES)}, got "
                              f"{self.head_dtype!r}")

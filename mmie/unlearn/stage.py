@@ -45,7 +45,7 @@ import torch
 
 from mmie.core import profile
 from mmie.core.artifacts import Artifact, content_hash, load, save
-from mmie.core.data import read_texts
+from mmie.core.data import pack_texts, read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
 from mmie.core.errors import ArtifactError, DataError, MmieError
 from mmie.core.head_precision import head_precision
@@ -120,6 +120,11 @@ def read_data(c: UnlearnConfig) -> TextData:
     if c.validation:
         val = read_validation(c.validation, c.field)
         check_disjoint(c.validation, val, [*forget, *(t for s in retain for t in s)])
+        val = replace(val, protect={lang: pack_texts(t, c.retain_pack)
+                                    for lang, t in val.protect.items()})
+    # packed after the alternatives (line-aligned with the forget texts) and the disjointness
+    # check (sentence by sentence) are taken from the texts as given
+    retain = [pack_texts(t, c.retain_pack) for t in retain]
     return TextData(forget, retain, alt, val)
 
 
