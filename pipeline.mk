@@ -4,7 +4,6 @@
 SL_OPTS ?=
 SAE_OPTS ?=
 UNLEARN_OPTS ?=
-EVAL_OPTS ?=
 GATE_OPTS ?=
 COMMON := --model $(MODEL)
 # Every text file is cut the same way (the sample files are line-aligned): lines 1-TRAIN_LINES
@@ -58,11 +57,24 @@ $(OUT)/eval-base/manifest.json: $(LAYERS) $(SPLIT_DONE)
 $(OUT)/lora-npo/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
 	$(MMIE) unlearn --method lora --objective npo $(UNLEARN_ARGS)
 
-# The selective arm (README, "Selective forgetting"): LoRA trained to continue each Hindi
-# prompt with its aligned English sentence, KL to the frozen model on English, Urdu, Punjabi and
-# Bengali, checkpoint chosen on validation.
-$(OUT)/lora-redirect/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
-	$(MMIE) unlearn --method lora --objective redirect $(REDIRECT_OPTS) $(UNLEARN_ARGS)
+# On-policy retain texts: each protected training prompt with the base model's own continuation
+# (kept when it is in that language), so the retain loss also covers what the model writes
+# after a sentence ends (README, "Selective forgetting").
+$(SPLIT)/%.cont.jsonl: $(SPLIT_DONE)
+	$(MMIE) data continue $(SPLIT)/$*.train.jsonl --lang $* $(COMMON) --head-dtype bf16 \
+	  --out $@ --force
+CONT := $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).cont.jsonl)
+
+# The selective arm: LoRA trained to continue each Hindi prompt with its aligned English
+# sentence, KL to the frozen model on English and on the protected languages' continuations,
+# checkpoint chosen on validation.
+REDIRECT_ARGS = $(COMMON) --forget $(SPLIT)/forget.train.jsonl --retain $(SPLIT)/retain.train.jsonl \
+  $(foreach f,$(CONT),--retain $(f)) --alternative $(SPLIT)/retain.train.jsonl \
+  --val-forget $(SPLIT)/forget.val.jsonl --val-retain $(SPLIT)/retain.val.jsonl \
+  $(foreach l,$(PROTECT_LANGS),--val-protect $(l)=$(SPLIT)/$(l).val.jsonl) --val-every $(VAL_EVERY) \
+  --steps $(STEPS) --seed $(*:seed%=%) --out $(@D) --force $(UNLEARN_OPTS)
+$(OUT)/lora-redirect/%/manifest.json: $(LAYERS) $(SPLIT_DONE) $(CONT)
+	$(MMIE) unlearn --method lora --objective redirect $(REDIRECT_OPTS) $(REDIRECT_ARGS)
 
 $(OUT)/reft-graddiff/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
 	$(MMIE) unlearn --method reft --objective graddiff --layers $(OUT)/layers $(UNLEARN_ARGS)
