@@ -1,14 +1,28 @@
-"""`mmie data check`: inspect text files before a run."""
+"""`mmie data check` and `mmie data continue`: inspect text files, or make retain texts from
+a model's own continuations."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from mmie.cli.app import data_app
-from mmie.cli.common import JsonOpt, emit_json, fail, out, run_guarded
+from mmie.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    emit_json,
+    fail,
+    info,
+    model_spec,
+    out,
+    progress,
+    run_guarded,
+)
 from mmie.cli.options import FieldOpt
 
 
@@ -48,3 +62,49 @@ def check(
                           f"and {pair['b']}")
     if found := problems(report):  # the report is shown first, then the refusal
         raise fail("; ".join(found), 1)
+
+
+@data_app.command("continue")
+def continue_(
+    file: Annotated[str, typer.Argument(help="Text file whose texts are cut into prompts.")],
+    lang: Annotated[str, typer.Option(
+        "--lang", help="Keep continuations in this language (a LID label, e.g. bn).")],
+    out_path: Annotated[Path, typer.Option(
+        "--out", "-o", help="jsonl file to write; what made it goes to <out>.json.")],
+    model: ModelOpt = "default",
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
+    head_dtype: Annotated[str, typer.Option(
+        "--head-dtype", help="LM-head matmul precision while generating: fp32 or bf16 "
+                             "(greedy continuations are the fp32 ones).")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    max_samples: Annotated[int | None, typer.Option(
+        help="Continue only the first N texts.")] = None,
+    field: FieldOpt = "text",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out and its sidecar.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Retain texts on the model's own continuations: prompt + greedy continuation, kept when
+    the continuation is in --lang and not degenerate; pass the output as unlearn --retain.
+
+    Single-sentence retain texts never show the retain loss what the model writes after a
+    sentence ends: a redirect-trained LoRA kept Bengali's teacher-forced mass but switched
+    Bengali answers to English there. KL to the frozen model on the base model's own
+    continuations of protected-language prompts puts those positions under the retain loss
+    (default model: Bengali answers kept 52 of 57, was 28 of 57; Punjabi 54 of 58).
+    """
+    from mmie.datacheck.continuations import ContinueConfig, run
+
+    def body() -> dict:
+        config = ContinueConfig(file, lang, model_spec(model, device, dtype), max_new_tokens,
+                                head_dtype, batch_size, max_samples, field)
+        return run(config, out_path, force=force, progress=progress())
+
+    report = run_guarded(body)
+    if json_out:
+        emit_json(report)
+        return
+    counts = report["counts"]
+    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items())
+    info(f"kept {counts['kept']} of {counts['in']} ({dropped} dropped) -> {out_path}")
