@@ -62,7 +62,7 @@ $(OUT)/lora-npo/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
 # after a sentence ends (README, "Selective forgetting").
 $(SPLIT)/%.cont.jsonl: $(SPLIT_DONE)
 	$(MMIE) data continue $(SPLIT)/$*.train.jsonl --lang $* $(COMMON) --head-dtype bf16 \
-	  --out $@ --force
+	  --out $@ --force $(CONT_OPTS)
 CONT := $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).cont.jsonl)
 
 # The selective arm: LoRA trained to continue each Hindi prompt with its aligned English

@@ -117,3 +117,13 @@ def test_cli_empty_input_exits_1(tmp_path):
 
 def test_real_labeller_on_known_text():
     assert cont.labels(["the the the the the the the the the the"]) == ["degenerate"]
+
+
+def test_nothing_in_the_language_is_an_error_and_keep_all_keeps_everything(tmp_path, labelled):
+    src = write_jsonl(tmp_path / "en.jsonl", EN)
+    with pytest.raises(DataError, match="none of 12 continuations is in 'pa'"):
+        cont.run(cont.ContinueConfig(str(src), "pa", ModelSpec("tiny:llama"),
+                                     max_new_tokens=4), tmp_path / "pa.jsonl")
+    assert not (tmp_path / "pa.jsonl").exists()
+    report = cont.run(_config(src, keep_all=True), tmp_path / "all.jsonl")
+    assert report["counts"]["kept"] == 12

@@ -83,6 +83,9 @@ def continue_(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace --out and its sidecar.")] = False,
+    keep_all: Annotated[bool, typer.Option(
+        "--keep-all", help="Keep every continuation, whatever its language (smoke runs on "
+                           "tiny random models).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Retain texts on the model's own continuations: prompt + greedy continuation, kept when
@@ -98,7 +101,7 @@ def continue_(
 
     def body() -> dict:
         config = ContinueConfig(file, lang, model_spec(model, device, dtype), max_new_tokens,
-                                head_dtype, batch_size, max_samples, field)
+                                head_dtype, batch_size, max_samples, field, keep_all)
         return run(config, out_path, force=force, progress=progress())
 
     report = run_guarded(body)

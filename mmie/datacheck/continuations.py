@@ -46,6 +46,8 @@ class ContinueConfig:
     batch_size: prompts per generate call.
     max_samples: continue only the first N texts (None: all).
     field: JSON field or column holding the text.
+    keep_all: keep every continuation, whatever its language or form (smoke runs on tiny
+        random-weight models, whose output no language ID recognises).
     """
 
     input: str
@@ -56,6 +58,7 @@ class ContinueConfig:
     batch_size: int = 16
     max_samples: int | None = None
     field: str = "text"
+    keep_all: bool = False
 
     def __post_init__(self) -> None:
         if not self.lang.strip():
@@ -118,7 +121,10 @@ def run(config: ContinueConfig, out: Path, force: bool = False,
                         desc="continue")
         identity = lm.identity.to_dict()
     found = labels([g.text for g in gens])
-    reasons = [_drop_reason(label, config.lang) for label in found]
+    reasons = [None if config.keep_all else _drop_reason(label, config.lang) for label in found]
+    if not any(r is None for r in reasons):
+        raise DataError(f"{config.input}: none of {len(texts)} continuations is in "
+                        f"'{config.lang}' (labels: {dict(Counter(found).most_common(5))})")
     # joined as evaluate and unlearn join a prompt and its rest (mmie.lid.mass.continuation_start)
     kept = [f"{p} {g.text.strip()}" for p, g, r in zip(prompts, gens, reasons, strict=True)
             if r is None]
