@@ -18,7 +18,7 @@ def test_make_pipeline_on_a_tiny_model(tmp_path):
     cmd = ["make", "--no-print-directory", "pipeline", f"MMIE={sys.executable} -m mmie",
            "MODEL=tiny:llama", f"OUT={out}", "STEPS=3", "N_PROMPTS=4", "SAE_TOKENS=3000",
            "SL_OPTS=--max-samples 40", "SAE_OPTS=--expansion 2 --k 4 --max-heldout 8",
-           "UNLEARN_OPTS=--max-length 32", "EVAL_OPTS=--max-new-tokens 8",
+           "UNLEARN_OPTS=--max-length 192", "EVAL_OPTS=--max-new-tokens 8",
            "GATE_OPTS=--n-boot 200", "CONT_OPTS=--keep-all --max-new-tokens 8",
            "ARMS=lora-redirect lora-npo reft-graddiff reft-graddiff+sae-gate",
            "REDIRECT_OPTS=--objective-opt base=none"]
