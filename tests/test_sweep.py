@@ -167,7 +167,7 @@ def test_default_grid_and_the_alternative_only_where_read(tmp_path):
     assert by_objective["redirect"].alternative == "runs/splits/en.train.jsonl"
     assert dict(by_objective["redirect"].validation.protect)["bn"] == "runs/splits/bn.val.jsonl"
     test = eval_config(config, tmp_path / "adapter", spec)
-    assert dict(test.xlang)["ur"] == "runs/splits/ur.test.jsonl" and test.n_prompts == 30
+    assert dict(test.xlang)["ur"] == "runs/splits/ur.test.jsonl" and test.n_prompts == 60
 
 
 def test_a_grid_without_validation_is_a_usage_error(files, tmp_path):
