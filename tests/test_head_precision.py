@@ -114,3 +114,16 @@ def test_unlearn_with_bf16_head_follows_the_fp32_curve(tmp_path):
         assert b["forget_nll"] == pytest.approx(a["forget_nll"], abs=2e-3)
     with pytest.raises(ValueError, match="head dtype"):
         UnlearnConfig(forget=str(hi), retain=(str(en),), head_dtype="fp16")
+
+
+def test_a_copy_first_made_in_inference_mode_still_trains():
+    # unlearn's validation (inference mode) can be the first to ask for the bf16 copy; the
+    # training step after it must still get a gradient through that copy
+    from mmie.core.head_precision import fast_logits, fast_weight, head_precision
+    weight = torch.randn(50, 8)
+    with head_precision("bf16"):
+        with torch.inference_mode():
+            fast_weight(weight)
+        h = torch.randn(3, 8, requires_grad=True)
+        fast_logits(h, weight, fast_weight(weight), None).logsumexp(-1).sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()

@@ -69,7 +69,10 @@ def fast_weight(weight: Tensor) -> Tensor | None:
     key, copies = id(weight), _STATE["copies"]
     hit = copies.get(key)
     if hit is None or hit[0] is not weight or hit[1] != weight._version:
-        hit = copies[key] = (weight, weight._version, weight.detach().to(dtype))
+        # made outside inference mode even when first asked for inside it (validation, eval):
+        # an inference tensor cached here would break the next training step's backward
+        with torch.inference_mode(False):
+            hit = copies[key] = (weight, weight._version, weight.detach().to(dtype))
     return hit[2]
 
 
