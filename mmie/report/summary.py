@@ -64,6 +64,21 @@ def _rate_text(got: tuple[float, int] | None, base: tuple[float, int] | None = N
     return text
 
 
+def _own_text(arm: Arm, base: Arm | None, set_name: str) -> str:
+    """The own-language rate and, against the base model, the kept share the
+    ``xlang_retention`` gate judges: of the prompts the base answered in their own language,
+    how many the arm still answers in it (pooled over the arm's seeds)."""
+    text = _rate_text(share(r.get("is_own") for r in arm.of_set(set_name)))
+    if base is None or text == "missing":
+        return text
+    theirs = {r.get("idx"): r.get("is_own") for r in base.of_set(set_name)}
+    pairs = [(r.get("is_own"), theirs.get(r.get("idx"))) for r in arm.of_set(set_name)]
+    own_before = [a for a, b in pairs if b and a is not None]
+    if not own_before:
+        return text
+    return f"{text}, kept {int(sum(map(bool, own_before)))} of {len(own_before)}"
+
+
 def _metric(art: Artifact, name: str) -> float | None:
     entry = art.metrics.get(name)
     value = entry.get("value") if isinstance(entry, dict) else None
@@ -133,9 +148,7 @@ def headline(arms: Sequence[Arm], report: dict) -> str:
     header += ["depth: relearn recovery, retrieval ratio"] if depth else []
     rows = []
     for arm in arms:
-        own = [_rate_text(share(r.get("is_own") for r in arm.of_set(s)),
-                          None if base is None or arm is base else
-                          share(r.get("is_own") for r in base.of_set(s))) for s in xsets]
+        own = [_own_text(arm, None if arm is base else base, s) for s in xsets]
         rows.append([arm.name, _decision(arm.name, report),
                      _rate_text(share(r.get("is_forget") for r in arm.of_set("forget"))),
                      *own, "1 (reference)" if arm is base else ppl_ratio(arm, base),
