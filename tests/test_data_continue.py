@@ -127,3 +127,12 @@ def test_nothing_in_the_language_is_an_error_and_keep_all_keeps_everything(tmp_p
     assert not (tmp_path / "pa.jsonl").exists()
     report = cont.run(_config(src, keep_all=True), tmp_path / "all.jsonl")
     assert report["counts"]["kept"] == 12
+
+
+def test_continuations_are_generated_as_evaluate_generates():
+    # evaluate's repetition penalty: without it the default model's continuations loop
+    from mmie.evaluate.config import EvalConfig
+    settings = _config("x.jsonl").generation()
+    default = {f.name: f.default for f in __import__("dataclasses").fields(EvalConfig)}
+    assert settings.repetition_penalty == default["repetition_penalty"] == 1.2
+    assert settings.max_new_tokens == 4 and _config("x.jsonl").max_new_tokens == 4

@@ -73,6 +73,8 @@ def continue_(
         "--out", "-o", help="jsonl file to write; what made it goes to <out>.json.")],
     model: ModelOpt = "default",
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
+    repetition_penalty: Annotated[float, typer.Option(
+        help="CTRL-style repetition penalty, as evaluate generates (1.0 = off).")] = 1.2,
     head_dtype: Annotated[str, typer.Option(
         "--head-dtype", help="LM-head matmul precision while generating: fp32 or bf16 "
                              "(greedy continuations are the fp32 ones).")] = "fp32",
@@ -100,8 +102,11 @@ def continue_(
     from mmie.datacheck.continuations import ContinueConfig, run
 
     def body() -> dict:
-        config = ContinueConfig(file, lang, model_spec(model, device, dtype), max_new_tokens,
-                                head_dtype, batch_size, max_samples, field, keep_all)
+        config = ContinueConfig(file, lang, model_spec(model, device, dtype),
+                                max_new_tokens=max_new_tokens,
+                                repetition_penalty=repetition_penalty, head_dtype=head_dtype,
+                                batch_size=batch_size, max_samples=max_samples, field=field,
+                                keep_all=keep_all)
         return run(config, out_path, force=force, progress=progress())
 
     report = run_guarded(body)
