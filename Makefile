@@ -30,7 +30,7 @@ N_PROMPTS ?= 60
 SAE_TOKENS ?= 30000
 ARMS ?= lora-redirect lora-npo
 # The selective arm's settings (README, "Selective forgetting: what was measured").
-REDIRECT_OPTS ?= --objective-opt base=none --objective-opt retain_weight=3 \
+REDIRECT_OPTS ?= --objective-opt base=none --objective-opt retain_weight=8 \
   --retain-weight bn.cont=2 --max-length 96 --lr 3e-4 --head-dtype bf16
 # bf16 LM head in evaluate: greedy generations identical to fp32, about 2x faster on AVX-512 BF16.
 EVAL_OPTS ?= --head-dtype bf16
