@@ -24,6 +24,7 @@ from mmie.cli.common import (
     run_guarded,
 )
 from mmie.cli.options import FieldOpt
+from mmie.core.generation import EVAL_REPETITION_PENALTY
 
 
 def _table(report: dict) -> Table:
@@ -74,7 +75,8 @@ def continue_(
     model: ModelOpt = "default",
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
     repetition_penalty: Annotated[float, typer.Option(
-        help="CTRL-style repetition penalty, as evaluate generates (1.0 = off).")] = 1.2,
+        help="CTRL-style repetition penalty, as evaluate generates (1.0 = off)."),
+    ] = EVAL_REPETITION_PENALTY,
     head_dtype: Annotated[str, typer.Option(
         "--head-dtype", help="LM-head matmul precision while generating: fp32 or bf16 "
                              "(greedy continuations are the fp32 ones).")] = "fp32",

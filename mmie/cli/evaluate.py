@@ -30,6 +30,7 @@ from mmie.cli.common import (
 )
 from mmie.cli.options import BatchSizeOpt, FieldOpt, parse_pairs
 from mmie.core.distributed import world
+from mmie.core.generation import EVAL_REPETITION_PENALTY
 
 SET_COLUMNS = (("forget_rate", "forget lang"), ("own_rate", "own lang"),
                ("degenerate_rate", "degenerate"), ("und_rate", "und"), ("fluent_rate", "fluent"),
@@ -106,7 +107,8 @@ def evaluate_cmd(
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (seeded).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass when sampling.")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option(
-        help="Penalty on repeated tokens (1.0 = off); keeps small models out of loops.")] = 1.2,
+        help="Penalty on repeated tokens (1.0 = off); keeps small models out of loops."),
+    ] = EVAL_REPETITION_PENALTY,
     arm: Annotated[str | None, typer.Option(
         help="Arm name for `mmie gate` (default: base, or the adapter's method-objective "
              "plus +sae-gate / +scrub).")] = None,

@@ -124,6 +124,11 @@ class Generation:
         return len(self.new_ids)
 
 
+# Greedy continuations of small models loop without a repetition penalty; evaluate and
+# `data continue` generate with this one, so on-policy retain texts match what is evaluated.
+EVAL_REPETITION_PENALTY = 1.2
+
+
 def eos_ids(lm: LoadedModel) -> list[int]:
     """Every id that ends a continuation: the tokenizer's EOS and the checkpoint's list."""
     found = [lm.tokenizer.eos_token_id, getattr(unwrap(lm.model).generation_config,

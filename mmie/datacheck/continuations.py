@@ -24,7 +24,7 @@ from pathlib import Path
 from mmie.core.artifacts import sha256_file
 from mmie.core.data import read_texts, split_prompt
 from mmie.core.errors import DataError
-from mmie.core.generation import GenerationSettings, generate
+from mmie.core.generation import EVAL_REPETITION_PENALTY, GenerationSettings, generate
 from mmie.core.head_precision import HEAD_DTYPES, head_precision
 from mmie.core.models import ModelSpec, loaded
 from mmie.core.progress import SILENT, Progress
@@ -56,7 +56,7 @@ class ContinueConfig:
     lang: str
     model: ModelSpec
     max_new_tokens: int = 48
-    repetition_penalty: float = 1.2
+    repetition_penalty: float = EVAL_REPETITION_PENALTY
     head_dtype: str = "fp32"
     batch_size: int = 16
     max_samples: int | None = None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from mmie.core.data import filter_texts, read_texts, split_prompt
-from mmie.core.generation import GenerationSettings
+from mmie.core.generation import EVAL_REPETITION_PENALTY, GenerationSettings
 from mmie.core.head_precision import HEAD_DTYPES
 from mmie.core.models import ModelSpec
 from mmie.core.provenance import file_hash
@@ -80,7 +80,7 @@ class EvalConfig:
     batch_size: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
-    repetition_penalty: float = 1.2
+    repetition_penalty: float = EVAL_REPETITION_PENALTY
     seed: int = 0
     forget_lang: str = "hi"
     retain_lang: str = "en"
