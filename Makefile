@@ -28,7 +28,7 @@ VAL_EVERY ?= 5
 # gate needs n >= 59 for 0/n to bound the rate below 0.05; docs/gates.md has the min n table).
 N_PROMPTS ?= 60
 SAE_TOKENS ?= 30000
-ARMS ?= lora-redirect lora-npo
+ARMS ?= glora-redirect lora-npo
 # The selective arm's settings (README, "Selective forgetting: what was measured").
 REDIRECT_OPTS ?= --objective-opt base=none --objective-opt retain_weight=8 \
   --retain-weight bn.cont=2 --max-length 96 --lr 3e-4 --head-dtype bf16

@@ -1,5 +1,6 @@
 # The pipeline, one artifact per stage; each target's manifest.json is its completion mark.
-# ARMS picks the arms: lora-redirect, lora-npo, reft-graddiff, reft-graddiff+sae-gate.
+# ARMS picks the arms: glora-redirect, lora-redirect, lora-npo, reft-graddiff,
+# reft-graddiff+sae-gate.
 # Extra options per stage, e.g. SL_OPTS="--max-samples 100" GATE_OPTS="--n-boot 2000".
 SL_OPTS ?=
 SAE_OPTS ?=
@@ -76,6 +77,44 @@ REDIRECT_ARGS = $(COMMON) --forget $(SPLIT)/forget.train.jsonl --retain $(SPLIT)
 $(OUT)/lora-redirect/%/manifest.json: $(LAYERS) $(SPLIT_DONE) $(CONT)
 	$(MMIE) unlearn --method lora --objective redirect $(REDIRECT_OPTS) $(REDIRECT_ARGS)
 
+# The language gate (mmie langgate): a probe on one block's output (of GATE_LAYERS, the one with
+# the widest validation margin), fitted on the train
+# splits (Hindi and romanized Hindi against English, the protected languages and what the base
+# model itself writes after their prompts), its threshold set on the validation splits (the same
+# kinds of text). Without the model-written texts the gate fired on Bengali answers that carry
+# Latin-script words (README, "A gated edit").
+GATE_LAYERS ?= 4 6 8
+LANGGATE_OPTS ?=
+$(SPLIT)/%.val.cont.jsonl: $(SPLIT_DONE)
+	$(MMIE) data continue $(SPLIT)/$*.val.jsonl --lang $* $(COMMON) --head-dtype bf16 \
+	  --out $@ --force $(CONT_OPTS)
+VAL_CONT := $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).val.cont.jsonl)
+$(OUT)/langgate/manifest.json: $(SPLIT_DONE) $(CONT) $(VAL_CONT)
+	$(MMIE) langgate $(COMMON) $(foreach l,$(GATE_LAYERS),--layer $(l)) --positive hi=$(SPLIT)/forget.train.jsonl \
+	  $(if $(ROMANIZED),--positive romanized=$(SPLIT)/romanized.train.jsonl) \
+	  --negative en=$(SPLIT)/retain.train.jsonl \
+	  $(foreach l,$(PROTECT_LANGS),--negative $(l)=$(SPLIT)/$(l).train.jsonl \
+	    --negative $(l).cont=$(SPLIT)/$(l).cont.jsonl) \
+	  --val-positive hi=$(SPLIT)/forget.val.jsonl \
+	  $(if $(ROMANIZED),--val-positive romanized=$(SPLIT)/romanized.val.jsonl) \
+	  --val-negative en=$(SPLIT)/retain.val.jsonl \
+	  $(foreach l,$(PROTECT_LANGS),--val-negative $(l)=$(SPLIT)/$(l).val.jsonl \
+	    --val-negative $(l).cont=$(SPLIT)/$(l).val.cont.jsonl) \
+	  --out $(@D) --force $(LANGGATE_OPTS)
+
+# The gated selective arm: the redirect LoRA behind the language gate, on the blocks after
+# the gate's block. Where the gate does not fire the model is the base model, so the retain loss on
+# those texts is zero; English keeps the retain slot the objective needs.
+GLORA_OPTS ?= --objective-opt base=none --max-length 96 --lr 3e-4 --head-dtype bf16
+GLORA_ARGS = $(COMMON) --forget $(SPLIT)/forget.train.jsonl --retain $(SPLIT)/retain.train.jsonl \
+  --alternative $(SPLIT)/retain.train.jsonl \
+  --val-forget $(SPLIT)/forget.val.jsonl --val-retain $(SPLIT)/retain.val.jsonl \
+  $(foreach l,$(PROTECT_LANGS),--val-protect $(l)=$(SPLIT)/$(l).val.jsonl) --val-every $(VAL_EVERY) \
+  --steps $(STEPS) --seed $(*:seed%=%) --out $(@D) --force $(UNLEARN_OPTS)
+$(OUT)/glora-redirect/%/manifest.json: $(OUT)/langgate/manifest.json $(SPLIT_DONE)
+	$(MMIE) unlearn --method glora --gate-probe $(OUT)/langgate --objective redirect \
+	  $(GLORA_OPTS) $(GLORA_ARGS)
+
 $(OUT)/reft-graddiff/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
 	$(MMIE) unlearn --method reft --objective graddiff --layers $(OUT)/layers $(UNLEARN_ARGS)
 
@@ -83,6 +122,9 @@ $(OUT)/eval-lora-npo/%/manifest.json: $(OUT)/lora-npo/%/manifest.json $(SPLIT_DO
 	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
 
 $(OUT)/eval-lora-redirect/%/manifest.json: $(OUT)/lora-redirect/%/manifest.json $(SPLIT_DONE)
+	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
+
+$(OUT)/eval-glora-redirect/%/manifest.json: $(OUT)/glora-redirect/%/manifest.json $(SPLIT_DONE)
 	$(MMIE) evaluate $(EVAL_ARGS) --adapter $(<D)
 
 $(OUT)/eval-reft-graddiff/%/manifest.json: $(OUT)/reft-graddiff/%/manifest.json $(SPLIT_DONE)

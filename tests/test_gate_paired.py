@@ -123,3 +123,42 @@ def test_forget_generalization_needs_a_loss_rise_on_the_trained_texts():
     arm = _mia("arm", [3.04, 3.04, 3.04, 3.04, 4.0, 4.0], MEMBERS)
     with pytest.raises(MissingInput, match="did not raise the loss on the forget-train texts"):
         GATES["forget_generalization"].extract(arm, base, None, None)
+
+
+# --- xlang_leakage: leakage the arm introduced -------------------------------------------------
+
+def test_leakage_counts_only_what_the_arm_introduced():
+    base = _samples("base", "xlang:bn", "is_forget", [1, 1, 0, 0, 0, 0])
+    arm = _samples("arm", "xlang:bn", "is_forget", [1, 0, 1, 0, 0, 0])
+    found = GATES["xlang_leakage"].extract(arm, base, "xlang:bn", None)
+    assert found == Proportion(1, 6, "introduced 1 of 6; arm rate 2/6, baseline 2/6")
+
+
+def test_leakage_an_arm_identical_to_a_leaky_baseline_passes_at_60():
+    flags = [1, 1] + [0] * 58  # the measured case: 2 of 60 undetermined on both sides
+    base, arm = (_samples(w, "xlang:bn", "is_forget", flags) for w in ("base", "arm"))
+    assert bounds.cp_bound(2, 60, ALPHA, bounds.LESS) > 0.1  # the absolute rate would fail
+    res = _judge("xlang_leakage", "xlang_leakage:bn", arm, base, "xlang:bn")
+    assert res.decision == PASS and res.ci["high"] == pytest.approx(1 - ALPHA ** (1 / 60))
+
+
+def _leak(arm: str, flags: np.ndarray) -> EvalRecords:
+    rows = {("xlang:bn", i): {"set": "xlang:bn", "idx": i, "is_forget": int(f)}
+            for i, f in enumerate(flags)}
+    return EvalRecords(f"<{arm}>", arm, 0, {}, rows)
+
+
+@pytest.mark.parametrize("introduced, low, high", [(0.0, 0.95, 1.0), (0.15, 0.0, 0.1)])
+def test_leakage_pass_rate_by_simulation(introduced, low, high):
+    """Baseline leaks on 5% of 60 prompts; the arm keeps those and leaks anew on each other
+    prompt with probability ``introduced`` (at the threshold's far side, 0.15, it must rarely
+    pass; an arm adding nothing must nearly always pass)."""
+    rng, wins = np.random.default_rng(3), 0
+    for rep in range(200):
+        base = rng.random(60) < 0.05
+        arm = base | (rng.random(60) < introduced)
+        res = judge(Settings(ALPHA, 200, rep), GATES["xlang_leakage"],
+                    default_rules()["xlang_leakage"], "xlang_leakage:bn", "xlang:bn", "arm",
+                    {1: _leak("arm", arm)}, _leak("base", base))
+        wins += res.decision == PASS
+    assert low <= wins / 200 <= high

@@ -20,12 +20,13 @@ def test_make_pipeline_on_a_tiny_model(tmp_path):
            "SL_OPTS=--max-samples 40", "SAE_OPTS=--expansion 2 --k 4 --max-heldout 8",
            "UNLEARN_OPTS=--max-length 192", "EVAL_OPTS=--max-new-tokens 8",
            "GATE_OPTS=--n-boot 200", "CONT_OPTS=--keep-all --max-new-tokens 8",
-           "ARMS=lora-redirect lora-npo reft-graddiff reft-graddiff+sae-gate",
-           "REDIRECT_OPTS=--objective-opt base=none"]
+           "ARMS=glora-redirect lora-redirect lora-npo reft-graddiff reft-graddiff+sae-gate",
+           "REDIRECT_OPTS=--objective-opt base=none", "GLORA_OPTS=--objective-opt base=none",
+           "GATE_LAYERS=0 1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     gate = json.loads((out / "gate" / "gate.json").read_text())
-    assert set(gate["arms"]) == {"lora-redirect", "lora-npo", "reft-graddiff",
+    assert set(gate["arms"]) == {"glora-redirect", "lora-redirect", "lora-npo", "reft-graddiff",
                                  "reft-graddiff+sae-gate"}
     assert all(v["decision"] in ("PROCEED", "STOP") for v in gate["arms"].values())
     page = (out / "report.html").read_text()

@@ -178,3 +178,17 @@ def test_a_grid_without_validation_is_a_usage_error(files, tmp_path):
                                       "--model", "tiny:llama"])
     assert result.exit_code == 2 and "'validation' table" in result.output
     assert not (tmp_path / "s.runs").exists()  # refused before any run
+
+
+def test_the_gate_probe_goes_to_glora_runs_only():
+    from mmie.cli.sweep import unlearn_config
+    from mmie.core.models import ModelSpec
+    from tests.conftest import REPO
+
+    config = load_grid(REPO / "configs" / "sweep.toml")
+    config.unlearn["gate_probe"] = "runs/langgate"
+    spec = ModelSpec(name="tiny:llama", device="cpu")
+    point = config.points()[0].overrides
+    assert unlearn_config(config, {**point, "method": "lora"}, spec).gate_probe is None
+    assert unlearn_config(config, {**point, "method": "glora"}, spec).gate_probe == \
+        "runs/langgate"

@@ -14,6 +14,7 @@ from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
     data_cmd,
     evaluate,
     gate,
+    langgate,
     model_cmd,
     neurons,
     relearn,

@@ -46,13 +46,16 @@ def build(kind: type, settings: dict, table: str):
 
 def unlearn_config(config, overrides: dict, spec):
     """One run's settings; ``[unlearn] alternative`` goes only to runs whose objective reads an
-    alternative text (``redirect``, ``dpo``): the others refuse it."""
+    alternative text (``redirect``, ``dpo``), and ``gate_probe`` only to ``glora`` runs: the
+    others refuse them."""
     from mmie.unlearn.config import alternative_objectives
     from mmie.unlearn.stage import UnlearnConfig
 
     settings = {**config.unlearn, **overrides, "model": spec, "validation": config.validation}
     if settings.get("objective", "npo") not in alternative_objectives():
         settings.pop("alternative", None)
+    if settings.get("method", "lora") != "glora":
+        settings.pop("gate_probe", None)
     for key in ("objective_options", "retain_options", "retain_weights"):
         settings[key] = _pairs(settings.get(key, ()))
     return build(UnlearnConfig, settings, "unlearn")

@@ -89,8 +89,9 @@ def unlearn_cmd(
     out: OutOpt,
     model: ModelOpt = "default",
     method: Annotated[str, typer.Option(
-        help="lora (PEFT), reft (block-output interventions), or scrub (no training: fit a "
-             "forget-vs-retain direction per layer, a 'scrub' artifact).")] = "lora",
+        help="lora (PEFT), reft (block-output interventions), glora (LoRA behind a language "
+             "gate, --gate-probe), or scrub (no training: fit a forget-vs-retain direction per "
+             "layer, a 'scrub' artifact).")] = "lora",
     objective: Annotated[str, typer.Option(
         help="ga, graddiff, npo, simnpo, rmu, redirect or dpo.")] = "npo",
     alternative: Annotated[str | None, typer.Option(
@@ -128,6 +129,10 @@ def unlearn_cmd(
         "--target-modules", help="LoRA target linears, comma-separated or repeated (default: "
                                  "q,k,v,o,gate,up,down_proj).")] = None,
     gate: Annotated[str | None, typer.Option(help="ReFT gate: grun.")] = None,
+    gate_probe: Annotated[Path | None, typer.Option(
+        "--gate-probe", help="--method glora: a langgate artifact (`mmie langgate`); the edit "
+                             "acts only from where its gate fires, on the blocks after the "
+                             "gate's block.")] = None,
     gate_weight: Annotated[float, typer.Option(help="Weight of the gate loss.")] = 1.0,
     reft_kind: Annotated[str, typer.Option(help="ReFT intervention: lowrank or loreft.")
                          ] = "lowrank",
@@ -197,7 +202,8 @@ def unlearn_cmd(
             max_samples=max_samples, scrub_whiten=scrub_whiten, alternative=alternative,
             validation=validation_config(val_forget, val_retain, val_protect, val_every,
                                          val_fallback),
-            head_dtype=head_dtype, retain_pack=retain_pack)
+            head_dtype=head_dtype, retain_pack=retain_pack,
+            gate_probe=str(gate_probe) if gate_probe else None)
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

@@ -7,9 +7,9 @@ An arm is any combination of a saved adapter (LoRA or ReFT), an SAE feature gate
 For the relearning attack a LoRA arm is merged into the weights of the run's private model copy
 before the attack's own LoRA is added (:func:`attack_ready`): two PEFT LoRA sets on one module
 would nest, and merging makes the arm part of "the model under attack". Hook-based parts (ReFT,
-SAE gate, scrub, neurons) stay applied, frozen, for the whole attack: the attacker fine-tunes
-the deployed system, edits included. They are attached after the attack LoRA exists, so a
-neuron mask scales the input of the LoRA-wrapped down-projection, LoRA path included, and the
+gated LoRA, SAE gate, scrub, neurons) stay applied, frozen, for the whole attack: the attacker
+fine-tunes the deployed system, edits included. They are attached after the attack LoRA exists, so
+a neuron mask scales the input of the LoRA-wrapped down-projection, LoRA path included, and the
 attack cannot route around it.
 """
 

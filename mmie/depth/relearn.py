@@ -130,7 +130,7 @@ def attack_once(c: RelearnConfig, arm: ArmSpec, sets: RelearnSets, progress: Pro
                                             progress, desc)
                 kept = sorted(k for k in hooked if k not in ("arm", "adapter"))
                 record = {"arm": _arm_name(fixed, hooked), "adapter": fixed or None,
-                          "kept_during_attack": kept + (["reft"] if fixed and not
+                          "kept_during_attack": kept + ([fixed["method"]] if fixed and not
                                                         fixed["merged"] else []),
                           **{k: hooked[k] for k in kept}}
         return RunResult(scores, losses, record, len(ids), lm.identity)

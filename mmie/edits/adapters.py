@@ -44,7 +44,8 @@ PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 class AdapterSpec:
     """What to attach, independent of training.
 
-    method: a name in :data:`METHODS` (``lora`` or ``reft``).
+    method: a name in :data:`METHODS` (``lora``, ``reft``, or ``glora``: LoRA behind a language
+        gate, :mod:`mmie.edits.glora`).
     layers: decoder-block indices that get an edit (LoRA: the blocks whose projections are
         adapted; ReFT: the blocks whose output hidden state is edited).
     rank: LoRA rank, or the width of the ReFT subspace.
@@ -53,6 +54,8 @@ class AdapterSpec:
     reft_kind: ReFT intervention (``lowrank`` or ``loreft``, see :mod:`mmie.edits.reft`).
     gate: None, or ``grun``: a learned per-token gate in front of the ReFT edit.
     gate_hidden: hidden width of the gate MLP.
+    gate_probe: ``glora``: the ``langgate`` artifact the new edit copies its gate from (read only
+        when the edit is created; a saved edit carries its own copy).
     """
 
     method: str
@@ -63,6 +66,7 @@ class AdapterSpec:
     reft_kind: str = "lowrank"
     gate: str | None = None
     gate_hidden: int = 16
+    gate_probe: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
@@ -73,8 +77,10 @@ class AdapterSpec:
             raise ValueError(f"layers must be non-empty block indices >= 0, got {self.layers}")
         if self.rank < 1 or self.alpha <= 0:
             raise ValueError(f"rank must be >= 1 and alpha > 0, got {self.rank}, {self.alpha}")
-        if self.method == "lora" and (self.gate or not self.target_modules):
+        if self.method in ("lora", "glora") and (self.gate or not self.target_modules):
             raise ValueError("LoRA needs target modules and takes no gate (the gate is ReFT's)")
+        if self.gate_probe and self.method != "glora":
+            raise ValueError("a language gate (gate_probe) is read by --method glora only")
         if self.method == "reft":
             self.reft_config()  # validates kind, gate and gate_hidden
 
@@ -349,9 +355,11 @@ def middle_layers(n_layers: int, count: int = 3) -> list[int]:
     return list(range(start, min(n_layers, start + count)))
 
 
-# Blocks edited when no layers artifact is given, per method (scrub: mmie.edits.interventions).
+# Blocks edited when no layers artifact is given, per method (scrub: mmie.edits.interventions;
+# glora keeps those after its gate's block).
 DEFAULT_LAYERS: dict[str, Callable[[int], list[int]]] = {
-    "lora": lambda n: list(range(n)), "reft": middle_layers, "scrub": middle_layers}
+    "lora": lambda n: list(range(n)), "glora": lambda n: list(range(n)), "reft": middle_layers,
+    "scrub": middle_layers}
 
 
 def load_adapter(path: Path | str, lm: LoadedModel) -> Adapter:

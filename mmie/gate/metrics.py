@@ -346,11 +346,18 @@ def _degenerate(arm, base, _xset, _ctx):
 
 
 @register_gate("xlang_leakage", Direction.LESS,
-               "share of generations in the forget language on each protected language's prompts",
+               "share of each protected language's prompts the arm answers in the forget "
+               "language where the baseline did not (leakage the edit introduced)",
                Method.PROPORTION, per_xlang=True)
 def _xlang_leakage(arm, base, xset, _ctx):
-    a, _ = paired(arm, base, xlang_set(xset), "is_forget")
-    return _count(a[:, 0])
+    # Paired, like xlang_retention: the baseline's own forget-language (or undetermined) answers
+    # on these prompts are the model's, not the edit's. Counted against it, an arm identical to
+    # a baseline with 2 such answers of 60 had an upper bound of 0.101 and failed.
+    a, b = paired(arm, base, xlang_set(xset), "is_forget")
+    new = (a[:, 0] == 1) & (b[:, 0] == 0)
+    detail = (f"introduced {int(new.sum())} of {len(new)}; arm rate {int(a[:, 0].sum())}/"
+              f"{len(a)}, baseline {int(b[:, 0].sum())}/{len(b)}")
+    return Proportion(int(new.sum()), len(new), detail)
 
 
 def _family_rate(set_name: str) -> Extractor:

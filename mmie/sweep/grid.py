@@ -12,7 +12,8 @@ The runs are the cartesian product of the axes; an objective's option tables mul
 that objective's runs (``redirect`` weights mean nothing to ``npo``), and an objective with
 none listed runs once with its defaults. An axis left out takes the shared setting (``lr``:
 the method's default). ``[unlearn] alternative`` is given only to the runs whose objective
-reads an alternative text (``redirect``, ``dpo``). ``configs/sweep.toml`` is the default grid.
+reads an alternative text (``redirect``, ``dpo``), and ``[unlearn] gate_probe`` (a langgate
+artifact) only to ``glora`` runs. ``configs/sweep.toml`` is the default grid.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class UnlearnConfig:
     forget: text file of the language to forget.
     retain: text files of the languages to keep, one set each (see the module docstring).
     model: which model to load.
-    method: ``lora`` or ``reft`` (:data:`mmie.edits.adapters.METHODS`), or ``scrub`` (no training:
+    method: ``lora``, ``reft`` or ``glora`` (:data:`mmie.edits.adapters.METHODS`; glora: LoRA
+        behind a language gate, :mod:`mmie.edits.glora`), or ``scrub`` (no training:
         fit a script-scrub direction per layer, :func:`mmie.edits.interventions.fit_scrub`).
     objective: a registered name (:mod:`mmie.unlearn.objectives`): ``ga``, ``graddiff``, ``npo``...
     objective_options: (name, value) pairs for the objective's config, e.g. ("beta", "0.2").
@@ -66,6 +67,8 @@ class UnlearnConfig:
     alternative: text file line-aligned with ``forget``: what each forget prompt should be
         continued with instead (``redirect``, ``dpo``); None: the fallback of
         :mod:`mmie.unlearn.pairs` (the first retain set's texts).
+    gate_probe: ``--method glora`` only (and required there): the ``langgate`` artifact
+        (``mmie langgate``) whose gate decides where the edit acts.
     validation: the validation split and the rule that picks the saved checkpoint
         (:mod:`mmie.unlearn.validation`); None: the last step's edit is saved.
     """
@@ -103,6 +106,7 @@ class UnlearnConfig:
     validation: ValidationConfig | None = None
     head_dtype: str = "fp32"
     retain_pack: int = 1
+    gate_probe: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.validation, dict):  # e.g. read back from a manifest or a TOML file
@@ -169,7 +173,8 @@ class UnlearnConfig:
     def spec(self, layers: Sequence[int]) -> AdapterSpec:
         return AdapterSpec(method=self.method, layers=tuple(layers), rank=self.method_rank(),
                            alpha=self.alpha, target_modules=self.target_modules,
-                           reft_kind=self.reft_kind, gate=self.gate, gate_hidden=self.gate_hidden)
+                           reft_kind=self.reft_kind, gate=self.gate, gate_hidden=self.gate_hidden,
+                           gate_probe=self.gate_probe)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,6 +207,9 @@ def _check_numbers(c: UnlearnConfig) -> None:
         raise ValueError(f"rank must be >= 1, got {c.rank}")
     if c.gate and c.method != "reft":
         raise ValueError("--gate applies to ReFT only (--method reft)")
+    if bool(c.gate_probe) != (c.method == "glora"):
+        raise ValueError("--method glora needs --gate-probe (a langgate artifact), and "
+                         "--gate-probe applies to glora only")
     if c.max_samples is not None and c.max_samples < 1:
         raise ValueError(f"max-samples must be >= 1, got {c.max_samples}")
 

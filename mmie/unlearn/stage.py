@@ -195,7 +195,9 @@ def _prepare_with(c, lm, data, layers, adapter) -> Prepared:
                "retain_loss_config": asdict(retain_loss.config)}
     if data.alternative:
         options["alternative_inputs"] = {**data.alternative.record, "dropped": rows.dropped}
-    return Prepared(trainer, adapter, layers, options, time.perf_counter() - start)
+    # the edit's own blocks (glora drops those up to its gate's block)
+    return Prepared(trainer, adapter, list(adapter.spec.layers), options,
+                    time.perf_counter() - start)
 
 
 @profile.phase("reference")
@@ -259,8 +261,10 @@ def _save(c: UnlearnConfig, out: Path, lm: LoadedModel, prepared: Prepared, metr
               prepared.layers, "rank": c.method_rank(), "lr": c.method_lr(),
               "retain_set_weights": dict(zip(c.set_names(), c.set_weights(), strict=True)),
               **prepared.options}
+    parents = [parent.path] if parent else []
+    parents += [Path(c.gate_probe)] if c.gate_probe else []
     return save(out, "adapter", tensors=payload.tensors, writer=payload.writer, config=config,
-                model=lm.identity, parents=[parent.path] if parent else [], metrics=metrics,
+                model=lm.identity, parents=parents, metrics=metrics,
                 files=files or {}, force=force)
 
 
@@ -273,7 +277,7 @@ def _complete(out: Path) -> Artifact | None:
 
 def _recorded(c: UnlearnConfig) -> dict:
     """The settings and input hashes a finished artifact must match to count as this run."""
-    layers = [] if not c.layers else [content_hash(Path(c.layers))]
+    layers = [content_hash(Path(p)) for p in (c.layers, c.gate_probe) if p]
     return {**c.to_dict(), "lr": c.method_lr(), "rank": c.method_rank(),
             "data_sha256": file_hashes([c.forget, *c.retain]), "layers_sha256": layers}
 
@@ -376,7 +380,7 @@ def run_scrub(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool 
 
 
 RUNNERS: dict[str, Callable[..., Artifact]] = {
-    "lora": train_adapter, "reft": train_adapter, "scrub": run_scrub}
+    "lora": train_adapter, "reft": train_adapter, "glora": train_adapter, "scrub": run_scrub}
 
 
 def _launched(config: UnlearnConfig) -> None:
