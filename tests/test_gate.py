@@ -123,13 +123,17 @@ def test_base_model_against_itself_stops(evals, tmp_path):
     verdict = report["arms"]["base"]
     assert verdict["decision"] == STOP
     by_gate = {g["gate"]: g for g in report["gates"]}
-    # What unlearning must achieve fails; the paired comparisons on identical records have
-    # zero-width intervals and are insufficient, never a pass.
+    # What unlearning must achieve fails. The paired comparisons on identical records have
+    # zero-width intervals, judged at their one value: nothing kept is lost (ratios of 1 pass
+    # the keep-gates), nothing forgotten is gained (a forget mass ratio of 1 fails).
     for gate in ("forget_rate", "replacement", "romanized_forget", "mixed_forget",
-                 "adversarial_forget"):
+                 "adversarial_forget", "forget_mass_ratio"):
         assert by_gate[gate]["decision"] == FAIL, gate
     for gate in ("retain_ppl_ratio", "forget_mass_ratio", "xlang_own_mass:ur"):
-        assert by_gate[gate]["insufficient"] and "zero-width" in by_gate[gate]["reason"], gate
+        assert not by_gate[gate]["insufficient"] and "zero width" in by_gate[gate]["reason"], gate
+        assert by_gate[gate]["ci"]["low"] == by_gate[gate]["ci"]["high"] == 1.0, gate
+    for gate in ("retain_ppl_ratio", "xlang_own_mass:ur"):
+        assert by_gate[gate]["decision"] == PASS, gate
     # no loss rise on the forget-train texts: nothing unlearned, nothing to generalise
     general = by_gate["forget_generalization"]
     assert general["decision"] == FAIL and "did not raise the loss" in general["reason"]

@@ -101,10 +101,12 @@ def test_bca_ratio_of_means_at_its_threshold_passes_about_alpha():
     assert passes / reps <= ALPHA + 0.025
 
 
-def test_zero_width_never_passes():
+def test_zero_width_is_decided_by_its_one_value():
     flat = Comparison(30, lambda idx: np.ones(np.shape(idx)[:-1]))
     res = bounds.bca(30, flat.statistic, 200, 0)
-    assert res.zero_width and res.pvalue(2.0, bounds.LESS) == 1.0
+    assert res.zero_width and res.bound(ALPHA, bounds.LESS) == 1.0
+    assert res.pvalue(2.0, bounds.LESS) == 1 / 201  # 1 < 2: as small as 200 resamples resolve
+    assert res.pvalue(0.5, bounds.LESS) == 1.0 and res.pvalue(1.0, bounds.LESS) == 1.0
 
 
 def _passes(gate: str, arm: EvalRecords, base: EvalRecords, xset=None, seed: int = 0) -> bool:

@@ -181,11 +181,14 @@ class Resamples:
 
     def pvalue(self, threshold: float, side: str) -> float:
         """Smallest alpha at which the BCa bound clears ``threshold`` (bisection), never
-        below 1 / (B + 1): B resamples cannot resolve a smaller p-value."""
+        below 1 / (B + 1): B resamples cannot resolve a smaller p-value. Zero width (every
+        resample gave one value, e.g. an arm equal to the baseline on every text): that value
+        decides, at the smallest resolvable p-value or 1."""
+        floor = 1.0 / (self.distribution.size + 1)
         if self.zero_width:
-            return 1.0
+            return floor if _passes(float(self.distribution.flat[0]), threshold, side) else 1.0
         p = _invert(lambda a: _passes(self.bound(a, side), threshold, side))
-        return max(p, 1.0 / (self.distribution.size + 1))
+        return max(p, floor)
 
     def test(self, threshold: float, alpha: float, side: str) -> Bound:
         return Bound(self.estimate, self.bound(alpha, side), self.pvalue(threshold, side),

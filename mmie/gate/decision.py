@@ -126,9 +126,10 @@ def _summarise(evidence, direction: Direction, threshold, alpha: float, n_boot: 
                 "n": evidence.n, "x": evidence.xa, "x_base": evidence.xb, "p": p,
                 "zero_width": False}
     res = bounds.bca(evidence.n, evidence.statistic, n_boot, seed, evidence.strata)
+    flat = {"detail": "zero width: every resample gave the same value"} if res.zero_width else {}
     return {"estimate": res.estimate, "low": res.bound(alpha, lo), "high": res.bound(alpha, hi),
             "n": evidence.n, "p": _pvalue(direction, threshold, res.pvalue),
-            "zero_width": res.zero_width}
+            "zero_width": res.zero_width, **flat}
 
 
 def clears(direction: Direction, threshold, low: float, high: float) -> bool:
@@ -213,8 +214,10 @@ def _insufficient(res: GateResult, per_seed: dict) -> str | None:
     if small:
         need = "no n suffices" if res.min_n is None else f"needs >= {res.min_n}"
         return f"{INSUFFICIENT}: n={min(small)}, {need}"
-    if any(v["zero_width"] for v in per_seed.values()):
-        return f"{INSUFFICIENT}: zero-width interval (every resample gave the same value)"
+    # A zero-width interval at n >= min n is not a lack of evidence: every resample gave one
+    # value because arm and baseline agree on every text (a gated edit that never fired there).
+    # Failing it would rank that arm below one that changed a few texts a little; the tiny
+    # samples that once passed on zero width are below min n and stopped above.
     return None
 
 
