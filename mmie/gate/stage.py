@@ -242,7 +242,9 @@ RULE_TEXT = (
     "one-sided test at level alpha, bands by TOST at 1 - 2 alpha, and with several seeds every "
     "seed must pass). Proportions: exact Clopper-Pearson bounds; ratios of proportions: "
     "Bonferroni-split Clopper-Pearson; other statistics: BCa bootstrap. A gate below its "
-    "min_n, or with a zero-width interval, FAILs as insufficient evidence. A prompt-family "
+    "min_n FAILs as insufficient evidence; above it a zero-width interval (arm and baseline "
+    "equal on every text) is judged at its value. Leakage counts what the arm introduced "
+    "(paired with the baseline), like retention. A prompt-family "
     "gate is NOT INFORMATIVE (shown, not decisive) when the baseline's rate is below its floor "
     "or when even an arm with no forget-language answer could not pass at this n. q is the "
     "Benjamini-Hochberg adjusted p within one arm, shown for discoveries, never the verdict.")
