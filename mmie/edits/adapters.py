@@ -189,14 +189,15 @@ def _block_prefix(lm: LoadedModel) -> str:
     return names[id(lm.blocks)]
 
 
-def _lora_modules(lm: LoadedModel, spec: AdapterSpec) -> dict[str, nn.Linear]:
-    """Full module name -> linear layer for every LoRA target of the chosen blocks."""
-    prefix, found, hits = _block_prefix(lm), {}, set()
+def block_linears(lm: LoadedModel, spec: AdapterSpec) -> dict[tuple[int, str], nn.Linear]:
+    """``(block, dotted name inside it)`` -> linear layer for every target of the chosen blocks
+    (LoRA through PEFT here, gated LoRA through hooks in :mod:`mmie.edits.glora`)."""
+    found, hits = {}, set()
     for i in spec.layers:
         for sub, module in lm.blocks[i].named_modules():
             leaf = sub.rsplit(".", 1)[-1]
             if leaf in spec.target_modules and isinstance(module, nn.Linear):
-                found[f"{prefix}.{i}.{sub}"] = module
+                found[(i, sub)] = module
                 hits.add(leaf)
     if missing := [t for t in spec.target_modules if t not in hits]:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in lm.blocks[spec.layers[0]].named_modules()
@@ -204,6 +205,12 @@ def _lora_modules(lm: LoadedModel, spec: AdapterSpec) -> dict[str, nn.Linear]:
         raise ModelError(f"no linear layer named {', '.join(missing)} in the chosen blocks of "
                          f"{lm.identity.name}; its block linears: {', '.join(names)}")
     return found
+
+
+def _lora_modules(lm: LoadedModel, spec: AdapterSpec) -> dict[str, nn.Linear]:
+    """Full module name -> linear layer for every LoRA target of the chosen blocks."""
+    prefix = _block_prefix(lm)
+    return {f"{prefix}.{i}.{sub}": m for (i, sub), m in block_linears(lm, spec).items()}
 
 
 def lora_shapes(lm: LoadedModel, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:

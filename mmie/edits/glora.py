@@ -42,6 +42,7 @@ from mmie.edits.adapters import (
     Adapter,
     AdapterSpec,
     Payload,
+    block_linears,
     check_layers,
     check_names_shapes,
     register_method,
@@ -51,17 +52,7 @@ from mmie.edits.langgate import LanguageGate, Latch, gate_live, gate_shapes, loa
 
 def _targets(lm: LoadedModel, spec: AdapterSpec) -> dict[str, nn.Linear]:
     """``layer{i}.{module}`` -> linear layer, for every target of every chosen block."""
-    found, hits = {}, set()
-    for i in spec.layers:
-        for sub, module in lm.blocks[i].named_modules():
-            leaf = sub.rsplit(".", 1)[-1]
-            if leaf in spec.target_modules and isinstance(module, nn.Linear):
-                found[f"layer{i}.{sub}"] = module
-                hits.add(leaf)
-    if missing := [t for t in spec.target_modules if t not in hits]:
-        raise ModelError(f"no linear layer named {', '.join(missing)} in the chosen blocks of "
-                         f"{lm.identity.name}")
-    return found
+    return {f"layer{i}.{sub}": m for (i, sub), m in block_linears(lm, spec).items()}
 
 
 def glora_shapes(lm: LoadedModel, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
