@@ -25,6 +25,7 @@ from mmie.train_sae.features import (
     analyse,
     ce_recovered,
     heldout_pass,
+    latent_scores,
     selectivity,
 )
 from mmie.train_sae.optim import metrics
@@ -70,6 +71,9 @@ def _weights(artifact) -> dict[str, torch.Tensor]:
     ({"arch": "relu"}, "unknown arch"),
     ({"ablation": "noise"}, "unknown ablation"),
     ({"holdout": 1.0}, "holdout"),
+    ({"protect": ("ur",)}, "LANG=FILE"),
+    ({"protect": ("retain=x.jsonl",)}, "reserved"),
+    ({"protect": ("ur=a.jsonl", "ur=b.jsonl")}, "given twice"),
 ])
 def test_config_refuses(data, over, message):
     with pytest.raises(ValueError, match=message):
@@ -87,6 +91,15 @@ def test_split_is_seeded_capped_and_disjoint(data, tmp_path):
     single = write_jsonl(tmp_path / "one.jsonl", HI[:1])
     with pytest.raises(DataError, match="at least 2"):
         split_sets(replace(config, forget=str(single)))
+
+
+def test_protected_sets_are_held_out_whole_and_never_trained_on(data, tmp_path):
+    ur = write_jsonl(tmp_path / "ur.jsonl", HI[:5])
+    config = _config(data, protect=(f"ur={ur}",), max_heldout=3)
+    split = split_sets(config)
+    assert split.heldout["ur"] == HI[:3] and split.records["ur"]["n_train"] == 0
+    assert len(split.train) == len(split_sets(_config(data, max_heldout=3)).train)
+    assert config.feature_settings().against == ("retain", "ur")
 
 
 def test_layer_out_of_range_refused(data, tmp_path):
@@ -206,6 +219,32 @@ def test_ce_recovered_formula():
     assert value is None and "does not raise the loss" in reason
     assert selectivity(torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.5])).tolist() == \
         pytest.approx([1.0, -1.0], abs=1e-5)
+
+
+def test_monolingual_selection_ranks_out_a_latent_shared_with_a_protected_language():
+    """Latent 0 fires on Hindi and Urdu alike (an Indic-script latent), latent 1 on Hindi only."""
+    stats = {"freq_forget": torch.tensor([0.9, 0.5]), "freq_retain": torch.tensor([0.0, 0.1]),
+             "freq_ur": torch.tensor([0.8, 0.0]), "mean_forget": torch.tensor([2.0, 2.0])}
+    _, pooled = latent_scores(stats, ("retain",))
+    sel, mono = latent_scores(stats, ("retain", "ur"))
+    assert pooled.tolist() == pytest.approx([2.0, 4 / 3], abs=1e-4)
+    assert sel.tolist() == pytest.approx([0.1 / 1.7, 0.4 / 0.6], abs=1e-4)
+    assert int(pooled.argmax()) == 0 and int(mono.argmax()) == 1
+
+
+def test_analyse_reports_each_protected_language(data):
+    settings = FeatureSettings(max_length=32, batch_size=4, top_n=4, against=("retain", "ur"))
+    heldout = {"forget": HI[:3], "retain": EN[:3], "ur": HI[3:6]}
+    with loaded(TINY) as lm:
+        d = lm.identity.d_model
+        result = analyse(lm, {1: _identity_sae(d)}, {1: torch.zeros(d)}, heldout, settings,
+                         SILENT)
+    report = json.loads(result.files["features.json"])
+    assert report["against"] == ["retain", "ur"] and report["layers"]["1"]["features"]
+    for row in report["layers"]["1"]["features"]:
+        assert row["freq_against"] == max(row["freq_retain"], row["freq_protected"]["ur"])
+        assert row["freq_forget"] > row["freq_against"]
+    assert "L1.freq_ur" in result.tensors["features"]
 
 
 def _identity_sae(d: int):

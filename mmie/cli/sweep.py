@@ -46,8 +46,8 @@ def build(kind: type, settings: dict, table: str):
 
 def unlearn_config(config, overrides: dict, spec):
     """One run's settings; ``[unlearn] alternative`` goes only to runs whose objective reads an
-    alternative text (``redirect``, ``dpo``), and ``gate_probe`` only to ``glora`` runs: the
-    others refuse them."""
+    alternative text (``redirect``, ``dpo``), ``gate_probe`` only to ``glora`` runs and
+    ``neurons`` only to ``nrows`` runs: the others refuse them."""
     from mmie.unlearn.config import alternative_objectives
     from mmie.unlearn.stage import UnlearnConfig
 
@@ -56,6 +56,8 @@ def unlearn_config(config, overrides: dict, spec):
         settings.pop("alternative", None)
     if settings.get("method", "lora") != "glora":
         settings.pop("gate_probe", None)
+    if settings.get("method", "lora") != "nrows":
+        settings.pop("neurons", None)
     for key in ("objective_options", "retain_options", "retain_weights"):
         settings[key] = _pairs(settings.get(key, ()))
     return build(UnlearnConfig, settings, "unlearn")

@@ -72,6 +72,10 @@ def train_sae_cmd(
                         "--layer 5).")] = None,
     general: Annotated[str | None, typer.Option(help="Optional general text for the mix.")
                        ] = None,
+    protect: Annotated[list[str] | None, typer.Option(
+        "--protect", help="LANG=FILE of a language to keep (repeat: --protect ur=ur.jsonl "
+                          "--protect pa=pa.jsonl): measured, never trained on; forget latents "
+                          "must then be rare on each of them (monolinguality).")] = None,
     field: FieldOpt = "text",
     expansion: Annotated[int, typer.Option(help="Latents per hidden dimension.")] = 16,
     k: Annotated[int, typer.Option("--k", help="Active latents per token.")] = 32,
@@ -128,7 +132,8 @@ def train_sae_cmd(
 
     def body():
         config = TrainSaeConfig(
-            forget=forget, retain=retain, general=general, field=field,
+            forget=forget, retain=retain, general=general, protect=tuple(protect or ()),
+            field=field,
             model=model_spec(model, device, dtype, device_map, blocks_path, max_memory),
             layers=tuple(layer or ()), layers_artifact=str(layers) if layers else None,
             expansion=expansion, k=k, arch=arch, tokens=tokens, lr=lr,

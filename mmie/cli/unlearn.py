@@ -90,7 +90,8 @@ def unlearn_cmd(
     model: ModelOpt = "default",
     method: Annotated[str, typer.Option(
         help="lora (PEFT), reft (block-output interventions), glora (LoRA behind a language "
-             "gate, --gate-probe), or scrub (no training: fit a forget-vs-retain direction per "
+             "gate, --gate-probe), nrows (deltas on selected MLP neurons only, --neurons), or "
+             "scrub (no training: fit a forget-vs-retain direction per "
              "layer, a 'scrub' artifact).")] = "lora",
     objective: Annotated[str, typer.Option(
         help="ga, graddiff, npo, simnpo, rmu, redirect or dpo.")] = "npo",
@@ -133,6 +134,10 @@ def unlearn_cmd(
         "--gate-probe", help="--method glora: a langgate artifact (`mmie langgate`); the edit "
                              "acts only from where its gate fires, on the blocks after the "
                              "gate's block.")] = None,
+    neurons: Annotated[Path | None, typer.Option(
+        "--neurons", help="--method nrows: a neurons mask artifact (`mmie neurons select`, "
+                          "e.g. --lape --exclusive); only those neurons' weights change.")
+    ] = None,
     gate_weight: Annotated[float, typer.Option(help="Weight of the gate loss.")] = 1.0,
     reft_kind: Annotated[str, typer.Option(help="ReFT intervention: lowrank or loreft.")
                          ] = "lowrank",
@@ -203,7 +208,8 @@ def unlearn_cmd(
             validation=validation_config(val_forget, val_retain, val_protect, val_every,
                                          val_fallback),
             head_dtype=head_dtype, retain_pack=retain_pack,
-            gate_probe=str(gate_probe) if gate_probe else None)
+            gate_probe=str(gate_probe) if gate_probe else None,
+            neurons=str(neurons) if neurons else None)
         return run_seeds(config, seed or [0], out, force=force, resume=resume,
                          progress=progress())
 

@@ -44,8 +44,9 @@ PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 class AdapterSpec:
     """What to attach, independent of training.
 
-    method: a name in :data:`METHODS` (``lora``, ``reft``, or ``glora``: LoRA behind a language
-        gate, :mod:`mmie.edits.glora`).
+    method: a name in :data:`METHODS` (``lora``, ``reft``, ``glora``: LoRA behind a language
+        gate, :mod:`mmie.edits.glora`, or ``nrows``: deltas on selected MLP neurons only,
+        :mod:`mmie.edits.nrows`).
     layers: decoder-block indices that get an edit (LoRA: the blocks whose projections are
         adapted; ReFT: the blocks whose output hidden state is edited).
     rank: LoRA rank, or the width of the ReFT subspace.
@@ -56,6 +57,8 @@ class AdapterSpec:
     gate_hidden: hidden width of the gate MLP.
     gate_probe: ``glora``: the ``langgate`` artifact the new edit copies its gate from (read only
         when the edit is created; a saved edit carries its own copy).
+    neurons: ``nrows``: the ``neurons`` mask artifact whose selected neurons the edit may
+        change (read only when the edit is created; a saved edit records the neuron ids).
     """
 
     method: str
@@ -67,6 +70,7 @@ class AdapterSpec:
     gate: str | None = None
     gate_hidden: int = 16
     gate_probe: str | None = None
+    neurons: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
@@ -81,6 +85,8 @@ class AdapterSpec:
             raise ValueError("LoRA needs target modules and takes no gate (the gate is ReFT's)")
         if self.gate_probe and self.method != "glora":
             raise ValueError("a language gate (gate_probe) is read by --method glora only")
+        if self.neurons and self.method != "nrows":
+            raise ValueError("a neurons mask (neurons) is read by --method nrows only")
         if self.method == "reft":
             self.reft_config()  # validates kind, gate and gate_hidden
 
@@ -365,7 +371,8 @@ def middle_layers(n_layers: int, count: int = 3) -> list[int]:
 # Blocks edited when no layers artifact is given, per method (scrub: mmie.edits.interventions;
 # glora keeps those after its gate's block).
 DEFAULT_LAYERS: dict[str, Callable[[int], list[int]]] = {
-    "lora": lambda n: list(range(n)), "glora": lambda n: list(range(n)), "reft": middle_layers,
+    "lora": lambda n: list(range(n)), "glora": lambda n: list(range(n)),
+    "nrows": lambda n: list(range(n)), "reft": middle_layers,
     "scrub": middle_layers}
 
 

@@ -15,14 +15,18 @@ those positions set to 0, SAELens' convention) or ``mean`` (set to the training 
 A metric that cannot be computed is ``None`` with its reason under ``missing``.
 
 Per latent, on held-out forget (F) and retain (R) tokens: firing frequency ``f`` and mean
-activation ``E[a]`` (zeros included);
-``selectivity = (f_F - f_R) / (f_F + f_R + 1e-6)`` in [-1, 1], and
-``score = selectivity * E_F[a]``, so a latent ranks high when it fires on forget text, rarely on
-retain text, and strongly. The ``top_n`` latents with a positive score are selected. With
-``grad_attribution`` each latent also gets ``mean_F[a_j * (W_dec[j] . d log p / d h)]``, where
-``log p`` sums the next-token log-probs of the forget text (GradSAE-style; positive = the latent
-helps the model predict forget text). Each selected latent's ``n_contexts`` strongest held-out
-tokens are shown with ``window`` tokens either side, decoded, the token itself in «».
+activation ``E[a]`` (zeros included); ``selectivity = (f_F - f_R) / (f_F + f_R + 1e-6)`` in [-1,
+1], and ``score = selectivity * E_F[a]``, so a latent ranks high when it fires on forget text,
+rarely on retain text, and strongly. With protected languages (``train-sae --protect ur=FILE
+...``), ``f_R`` is the *highest* firing frequency over the retain set and every protected set: a
+latent must be rare on each language kept, not on their pool (monolinguality). Pooling lets a
+latent that fires on Hindi, Urdu and Punjabi alike (a shared-vocabulary latent, not a Hindi one)
+rank high because English dilutes the retain frequency; the maximum does not. The ``top_n`` latents
+with a positive score are selected. With ``grad_attribution`` each latent also gets ``mean_F[a_j *
+(W_dec[j] . d log p / d h)]``, where ``log p`` sums the next-token log-probs of the forget text
+(GradSAE-style; positive = the latent helps the model predict forget text). Each selected latent's
+``n_contexts`` strongest held-out tokens are shown with ``window`` tokens either side, decoded, the
+token itself in «».
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ EPS = 1e-6
 ENCODE_BATCH = 4096
 METHOD = ("Statistics on held-out tokens. score = selectivity * E_F[a], selectivity = "
           "(f_F - f_R) / (f_F + f_R + 1e-6); f = firing frequency, E[a] = mean activation "
-          "(zeros included), F = forget, R = retain. attr = mean over forget tokens of "
+          "(zeros included), F = forget, R = retain (with protected languages: the highest "
+          "frequency over retain and each protected set). attr = mean over forget tokens of "
           "a_j * (W_dec[j] . d log p(forget) / d h), when asked for. Contexts: the latent's "
           "strongest held-out tokens, the token in «».")
 
@@ -138,6 +143,17 @@ def selectivity(freq_forget: Tensor, freq_retain: Tensor) -> Tensor:
     return (freq_forget - freq_retain) / (freq_forget + freq_retain + EPS)
 
 
+def freq_against(stats: dict[str, Tensor], against: tuple[str, ...]) -> Tensor:
+    """Per latent, the highest firing frequency over the ``against`` sets (see the docstring)."""
+    return torch.stack([stats[f"freq_{name}"] for name in against]).amax(dim=0)
+
+
+def latent_scores(stats: dict[str, Tensor], against: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """``(selectivity, score)`` per latent, selectivity taken against ``against``."""
+    sel = selectivity(stats["freq_forget"], freq_against(stats, against))
+    return sel, sel * stats["mean_forget"]
+
+
 def select(score: Tensor, top_n: int) -> list[int]:
     values, ids = score.topk(min(top_n, score.numel()))
     return [int(j) for v, j in zip(values, ids, strict=True) if v > 0]
@@ -205,12 +221,15 @@ def contexts(sae, held: dict[str, HeldOut], i: int, latents: list[int], tokenize
 
 
 # --------------------------------------------------------------------------- report
-def _rows(stats: dict[str, Tensor], score: Tensor, latents: list[int], attr: Tensor | None,
-          ctx: dict[int, list[dict]]) -> list[dict]:
-    sel = selectivity(stats["freq_forget"], stats["freq_retain"])
+def _rows(stats: dict[str, Tensor], against: tuple[str, ...], latents: list[int],
+          attr: Tensor | None, ctx: dict[int, list[dict]]) -> list[dict]:
+    sel, score = latent_scores(stats, against)
+    other = freq_against(stats, against)
     return [{"rank": rank, "latent": j, "score": float(score[j]), "selectivity": float(sel[j]),
              "freq_forget": float(stats["freq_forget"][j]),
-             "freq_retain": float(stats["freq_retain"][j]),
+             "freq_retain": float(stats["freq_retain"][j]), "freq_against": float(other[j]),
+             "freq_protected": {name: float(stats[f"freq_{name}"][j])
+                                for name in against if name != "retain"},
              "mean_forget": float(stats["mean_forget"][j]),
              "mean_retain": float(stats["mean_retain"][j]),
              "attribution": None if attr is None else float(attr[j]),
@@ -228,14 +247,15 @@ def render_md(report: dict) -> str:
         lines += [f"## Layer {layer}", "",
                   f"FVU {_fmt(q.get('fvu'))}, mean L0 {_fmt(q.get('mean_l0'))}, dead "
                   f"{_fmt(q.get('dead_fraction'))}, CE recovered {_fmt(q.get('ce_recovered'))}",
-                  "", "| rank | latent | score | selectivity | freq F | freq R | mean F | attr |",
+                  "", "| rank | latent | score | selectivity | freq F | freq R (max) | mean F "
+                  "| attr |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['rank']} | {r['latent']} | {_fmt(r['score'])} | "
                   f"{_fmt(r['selectivity'])} | {_fmt(r['freq_forget'])} | "
-                  f"{_fmt(r['freq_retain'])} | {_fmt(r['mean_forget'])} | "
+                  f"{_fmt(r['freq_against'])} | {_fmt(r['mean_forget'])} | "
                   f"{_fmt(r['attribution'])} |" for r in body["features"]]
         if not body["features"]:
-            lines.append("\nNo latent fires more on forget than on retain text.")
+            lines.append("\nNo latent fires more on forget than on retain (or protected) text.")
         for r in body["features"]:
             lines += ["", f"### latent {r['latent']}", ""]
             lines += [f"- {c['set']} {c['activation']:.3g}: `{_md_cell(c['context'])}`"
@@ -263,16 +283,16 @@ def analyse(lm: LoadedModel, saes: dict[int, SparseAutoencoder], means: dict[int
     if measured is None:
         return None
     held, attr = measured
-    report = {"method": METHOD, "ablation": s.ablation, "layers": {},
+    report = {"method": METHOD, "ablation": s.ablation, "layers": {}, "against": list(s.against),
               "n_tokens": {name: int(h.where.shape[0]) for name, h in held.items()}}
     quality_, selected, tensors = {}, {}, {}
     for i, sae in saes.items():
         stats = latent_stats(sae, held, i)
-        score = selectivity(stats["freq_forget"], stats["freq_retain"]) * stats["mean_forget"]
+        _, score = latent_scores(stats, s.against)
         quality_[i] = quality(i, sae, held, stats, s.ablation)
         selected[i] = select(score, s.top_n)
         ctx = contexts(sae, held, i, selected[i], lm.tokenizer, s)
-        rows = _rows(stats, score, selected[i], attr.get(i), ctx)
+        rows = _rows(stats, s.against, selected[i], attr.get(i), ctx)
         report["layers"][str(i)] = {"quality": quality_[i], "features": rows}
         extra = {"score": score, **({"attribution": attr[i]} if i in attr else {})}
         tensors.update({f"L{i}.{k}": v for k, v in {**stats, **extra}.items()})

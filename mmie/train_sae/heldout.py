@@ -48,6 +48,9 @@ class FeatureSettings:
     n_contexts: int = 5
     window: int = 8
     grad_attribution: bool = False
+    # held-out sets a forget latent must be rare on: the retain set, plus each protected
+    # language's set when there are any (selection by monolinguality, see features.py)
+    against: tuple[str, ...] = ("retain",)
 
 
 @dataclass

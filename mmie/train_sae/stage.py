@@ -63,6 +63,9 @@ class TrainSaeConfig:
 
     forget, retain, general: text files (jsonl/txt/tsv/csv or HF dataset) of the language to
         forget, a language to keep, and optional general text; all three feed the training mix.
+    protect: ``LANG=FILE`` texts of languages to keep (e.g. the forget language's neighbours);
+        never trained on, only held out (up to ``max_heldout`` texts each). Forget latents are
+        then selected by monolinguality: rare on retain *and* on each protected language.
     model: which model to load.
     layers: block indices to train on; give these or ``layers_artifact``, not both.
     layers_artifact: a ``layers`` artifact whose ``metrics['chosen']`` are the layers.
@@ -97,6 +100,7 @@ class TrainSaeConfig:
     layers: tuple[int, ...] = ()
     layers_artifact: str | None = None
     general: str | None = None
+    protect: tuple[str, ...] = ()
     field: str = "text"
     max_samples: int | None = None
     expansion: int = 16
@@ -133,6 +137,8 @@ class TrainSaeConfig:
         if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers must be distinct block indices >= 0, got {self.layers}")
         _check_ranges(self)
+        object.__setattr__(self, "protect", tuple(self.protect))
+        protected_sets(self.protect)  # refuses a malformed or clashing entry before any work
         if self.arch not in SAE_REGISTRY:
             raise ValueError(f"unknown arch '{self.arch}' (known: {', '.join(SAE_REGISTRY)})")
         if self.ablation not in ABLATIONS:
@@ -142,7 +148,24 @@ class TrainSaeConfig:
         return FeatureSettings(max_length=self.max_length, batch_size=self.batch_size,
                                ablation=self.ablation, top_n=self.top_n_features,
                                n_contexts=self.n_contexts, window=self.context_window,
-                               grad_attribution=self.grad_attribution)
+                               grad_attribution=self.grad_attribution,
+                               against=("retain", *protected_sets(self.protect)))
+
+
+RESERVED = frozenset({"forget", "retain", "general", "all"})
+
+
+def protected_sets(entries: tuple[str, ...]) -> dict[str, str]:
+    """``{lang: file}`` from ``LANG=FILE`` entries; names must be distinct, simple, unreserved."""
+    sets: dict[str, str] = {}
+    for entry in entries:
+        lang, sep, path = entry.partition("=")
+        if not sep or not path or not lang.replace("_", "").isalnum():
+            raise ValueError(f"protect entries are LANG=FILE with a simple name, got {entry!r}")
+        if lang in RESERVED or lang in sets:
+            raise ValueError(f"protect name {lang!r} is reserved or given twice")
+        sets[lang] = path
+    return sets
 
 
 def _check_ranges(c: TrainSaeConfig) -> None:
@@ -200,14 +223,23 @@ def split_sets(c: TrainSaeConfig) -> Split:
         held = set(random.Random(c.seed * 1009 + index).sample(range(len(texts)), n_hold))
         train += [t for i, t in enumerate(texts) if i not in held]
         heldout[name] = [t for i, t in enumerate(texts) if i in held]
-        records[name] = {"path": str(path), "n_train": len(texts) - n_hold, "n_heldout": n_hold,
-                         "sha256": sha256_file(Path(path)) if Path(path).is_file() else None}
+        records[name] = _record(path, len(texts) - n_hold, n_hold)
+    for name, path in protected_sets(c.protect).items():  # measured only: never in the mix
+        heldout[name] = read_texts(path, c.field, c.max_samples)[:c.max_heldout]
+        if not heldout[name]:
+            raise DataError(f"{path}: no text in the protected set {name}")
+        records[name] = _record(path, 0, len(heldout[name]))
     return Split(train, heldout, records)
+
+
+def _record(path: str, n_train: int, n_heldout: int) -> dict:
+    return {"path": str(path), "n_train": n_train, "n_heldout": n_heldout,
+            "sha256": sha256_file(Path(path)) if Path(path).is_file() else None}
 
 
 # --------------------------------------------------------------------------- run
 # Settings that change what is reported, not what is trained: a checkpoint survives them.
-REPORT_ONLY = frozenset({"ablation", "top_n_features", "n_contexts", "context_window",
+REPORT_ONLY = frozenset({"protect", "ablation", "top_n_features", "n_contexts", "context_window",
                          "grad_attribution", "cache_dir", "checkpoint_dir", "checkpoint_every"})
 
 
@@ -247,7 +279,8 @@ def train_all(lm: LoadedModel, split: Split, layers: list[int], cfg: SaeConfig,
               c: TrainSaeConfig, ckpt: Checkpoints, resume: bool, progress: Progress) -> Trained:
     """Train every layer's SAE from one activation stream (see the module docstring)."""
     chunks, n_real = make_chunks(lm, split.train, c.max_length, c.batch_size)
-    data = {name: r["sha256"] for name, r in split.records.items()}
+    # protected sets are never trained on, so they do not key the training activations
+    data = {name: r["sha256"] for name, r in split.records.items() if r["n_train"]}
     key = cache_key(lm, layers, chunks, c.max_length, data)
     with shared_folder(c.cache_dir, "mmie-acts-") as root:
         store = ChunkStore(lm, chunks, n_real, layers, open_cache(root, key), c.max_length)

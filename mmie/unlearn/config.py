@@ -27,8 +27,9 @@ class UnlearnConfig:
     forget: text file of the language to forget.
     retain: text files of the languages to keep, one set each (see the module docstring).
     model: which model to load.
-    method: ``lora``, ``reft`` or ``glora`` (:data:`mmie.edits.adapters.METHODS`; glora: LoRA
-        behind a language gate, :mod:`mmie.edits.glora`), or ``scrub`` (no training:
+    method: ``lora``, ``reft``, ``glora`` or ``nrows`` (:data:`mmie.edits.adapters.METHODS`;
+        glora: LoRA behind a language gate, :mod:`mmie.edits.glora`; nrows: deltas on selected
+        MLP neurons only, :mod:`mmie.edits.nrows`), or ``scrub`` (no training:
         fit a script-scrub direction per layer, :func:`mmie.edits.interventions.fit_scrub`).
     objective: a registered name (:mod:`mmie.unlearn.objectives`): ``ga``, ``graddiff``, ``npo``...
     objective_options: (name, value) pairs for the objective's config, e.g. ("beta", "0.2").
@@ -69,6 +70,8 @@ class UnlearnConfig:
         :mod:`mmie.unlearn.pairs` (the first retain set's texts).
     gate_probe: ``--method glora`` only (and required there): the ``langgate`` artifact
         (``mmie langgate``) whose gate decides where the edit acts.
+    neurons: ``--method nrows`` only (and required there): the ``neurons`` mask artifact
+        (``mmie neurons select``) whose neurons alone the edit changes.
     validation: the validation split and the rule that picks the saved checkpoint
         (:mod:`mmie.unlearn.validation`); None: the last step's edit is saved.
     """
@@ -107,6 +110,7 @@ class UnlearnConfig:
     head_dtype: str = "fp32"
     retain_pack: int = 1
     gate_probe: str | None = None
+    neurons: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.validation, dict):  # e.g. read back from a manifest or a TOML file
@@ -174,7 +178,7 @@ class UnlearnConfig:
         return AdapterSpec(method=self.method, layers=tuple(layers), rank=self.method_rank(),
                            alpha=self.alpha, target_modules=self.target_modules,
                            reft_kind=self.reft_kind, gate=self.gate, gate_hidden=self.gate_hidden,
-                           gate_probe=self.gate_probe)
+                           gate_probe=self.gate_probe, neurons=self.neurons)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,6 +214,9 @@ def _check_numbers(c: UnlearnConfig) -> None:
     if bool(c.gate_probe) != (c.method == "glora"):
         raise ValueError("--method glora needs --gate-probe (a langgate artifact), and "
                          "--gate-probe applies to glora only")
+    if bool(c.neurons) != (c.method == "nrows"):
+        raise ValueError("--method nrows needs --neurons (a neurons mask artifact), and "
+                         "--neurons applies to nrows only")
     if c.max_samples is not None and c.max_samples < 1:
         raise ValueError(f"max-samples must be >= 1, got {c.max_samples}")
 

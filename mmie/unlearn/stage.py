@@ -262,7 +262,7 @@ def _save(c: UnlearnConfig, out: Path, lm: LoadedModel, prepared: Prepared, metr
               "retain_set_weights": dict(zip(c.set_names(), c.set_weights(), strict=True)),
               **prepared.options}
     parents = [parent.path] if parent else []
-    parents += [Path(c.gate_probe)] if c.gate_probe else []
+    parents += [Path(p) for p in (c.gate_probe, c.neurons) if p]
     return save(out, "adapter", tensors=payload.tensors, writer=payload.writer, config=config,
                 model=lm.identity, parents=parents, metrics=metrics,
                 files=files or {}, force=force)
@@ -277,7 +277,7 @@ def _complete(out: Path) -> Artifact | None:
 
 def _recorded(c: UnlearnConfig) -> dict:
     """The settings and input hashes a finished artifact must match to count as this run."""
-    layers = [content_hash(Path(p)) for p in (c.layers, c.gate_probe) if p]
+    layers = [content_hash(Path(p)) for p in (c.layers, c.gate_probe, c.neurons) if p]
     return {**c.to_dict(), "lr": c.method_lr(), "rank": c.method_rank(),
             "data_sha256": file_hashes([c.forget, *c.retain]), "layers_sha256": layers}
 
@@ -380,7 +380,8 @@ def run_scrub(c: UnlearnConfig, out: Path, *, force: bool = False, resume: bool 
 
 
 RUNNERS: dict[str, Callable[..., Artifact]] = {
-    "lora": train_adapter, "reft": train_adapter, "glora": train_adapter, "scrub": run_scrub}
+    "lora": train_adapter, "reft": train_adapter, "glora": train_adapter, "nrows": train_adapter,
+    "scrub": run_scrub}
 
 
 def _launched(config: UnlearnConfig) -> None:
