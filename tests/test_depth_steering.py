@@ -1,21 +1,31 @@
-"""Steering recovery: the added direction is exactly what is added; rates count detections."""
+"""Steering recovery: the added direction is exactly what is added; rates count detections;
+`mmie steer` summarises by hand-checkable counts and refuses prompts that trained the direction."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from mmie.cli import app
 from mmie.core.activations import harvest
+from mmie.core.artifacts import load
+from mmie.core.errors import DataError
 from mmie.core.generation import GenerationSettings
 from mmie.core.models import ModelSpec, loaded
 from mmie.depth.steering import (
     SteeringConfig,
+    SteerRunConfig,
     forget_rate,
+    run,
     steered,
     steering_direction,
     steering_recovery,
+    summarise,
 )
-from tests.conftest import EN, HI
+from tests.conftest import EN, HI, write_jsonl
+
+runner = CliRunner()
 
 TINY = ModelSpec(name="tiny:llama", device="cpu")
 
@@ -44,3 +54,49 @@ def test_steering_recovery_reports_a_rate_per_scale():
     got = steering_recovery(config, TINY)
     assert got["arm"] == "base" and [r["scale"] for r in got["rates"]] == [0.0, 4.0]
     assert all(0 <= r["forget_rate"] <= 1 and r["n"] == 3 for r in got["rates"])
+
+
+def _files(tmp_path):
+    return {n: write_jsonl(tmp_path / f"{n}.jsonl", t) for n, t in
+            (("hi_train", HI[:4]), ("en_train", EN[:4]), ("prompts", HI[4:8]))}
+
+
+def test_summary_counts_rates_and_recovery_by_hand():
+    rows = lambda flags: [{"forget": f} for f in flags]  # noqa: E731
+    got = {"base": {"0": rows([1, 1, 1, 0]), "1x2": rows([1, 1, 1, 1])},
+           "arm": {"0": rows([0, 0, 0, 0]), "1x2": rows([1, 1, 0, 0])}}
+    config = SteerRunConfig(forget_train="a", replacement_train="b", prompts="c", layers=(1,),
+                            scales=(2.0,), n_boot=200)
+    out = summarise(got, config)
+    assert out["base"]["0"]["x"] == 3 and out["arm"]["1x2"]["rate"] == 0.5
+    assert out["arm"]["0"]["low"] == 0 and 0 < out["arm"]["0"]["high"] < 1
+    # (0 - 0.5) / (0 - 0.75): two thirds of what the arm removed came back
+    assert out["recovery"]["1x2"]["value"] == pytest.approx(2 / 3)
+
+
+def test_cli_steer_writes_a_steering_artifact_for_base_and_arm(tmp_path):
+    from tests.test_nrows import _mask  # the arm here: a neuron mask, ablated
+
+    f = _files(tmp_path)
+    with loaded(TINY) as lm:
+        _mask(lm, tmp_path / "mask")
+    result = runner.invoke(app, [
+        "steer", "--model", "tiny:llama", "--device", "cpu", "--forget-train",
+        str(f["hi_train"]), "--replacement-train", str(f["en_train"]), "--prompts",
+        str(f["prompts"]), "--layer", "1", "--scale", "4", "--neurons", str(tmp_path / "mask"),
+        "--neuron-scale", "0", "--max-new-tokens", "4", "--n-boot", "100", "--out",
+        str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    art = load(tmp_path / "s", kind="steering")
+    assert set(art.metrics["base"]) == {"0", "1x4"} and art.metrics["arm"]["0"]["n"] == 4
+    assert "1x4" in art.metrics["recovery"]
+    assert {p["kind"] for p in art.manifest["parents"]} == {"neurons"}
+    assert len(art.read_text("samples.jsonl").splitlines()) == 2 * 2 * 4
+
+
+def test_prompts_that_are_training_texts_are_refused(tmp_path):
+    f = _files(tmp_path)
+    config = SteerRunConfig(forget_train=str(f["hi_train"]), replacement_train=str(f["en_train"]),
+                            prompts=str(f["hi_train"]), layers=(1,), model=TINY)
+    with pytest.raises(DataError, match="direction-training"):
+        run(config, tmp_path / "s")

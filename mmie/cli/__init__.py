@@ -20,6 +20,7 @@ from mmie.cli import (  # noqa: E402,F401  (imported for their side effect)
     relearn,
     report,
     select_layers,
+    steer,
     sweep,
     train_sae,
     unlearn,

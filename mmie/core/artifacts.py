@@ -43,7 +43,7 @@ HASH_KEY = "manifest_sha256"
 UNHASHED = ("created_at", HASH_KEY)  # a timestamp changes no meaning; the hash can't cover itself
 KINDS = frozenset(
     {"layers", "sae", "adapter", "eval", "gate", "neurons", "activations", "scrub", "report",
-     "comprehension", "relearn", "sweep", "langgate"}
+     "comprehension", "relearn", "sweep", "langgate", "steering"}
 )
 
 # Named upgrade functions from an older schema version to the next; empty while only v1 exists.

@@ -9,23 +9,37 @@ only has the deployed model would), then ``scale * direction`` is added to the b
 every position while prompts are continued. The forget-language rate of the continuations
 (:func:`mmie.lid.detect`) with and without the addition is the measure: a rate that comes back
 means the language was hidden behind a direction, not removed.
+
+`mmie steer` (:func:`run`) measures it for the base model and an arm in one model load: the
+direction is estimated on each as deployed, from training texts only (prompts that are also
+training texts are refused), added at each chosen block and scale in turn, and every held-out
+prompt is continued greedily as `evaluate` does. Per run: the forget-language rate with an exact
+95% interval; for the arm, the recovery fraction ``(arm(k) - arm(0)) / (base(0) - arm(0))`` with
+a bootstrap interval paired over prompts (1 = steering gives back the base model's rate).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from mmie.core.activations import harvest
-from mmie.core.errors import DataError
-from mmie.core.generation import GenerationSettings, generate
+from mmie.core.artifacts import Artifact, save, sha256_file
+from mmie.core.bounds import LESS, cp_bound
+from mmie.core.data import read_texts
+from mmie.core.errors import ArtifactError, DataError
+from mmie.core.generation import EVAL_REPETITION_PENALTY, GenerationSettings, generate
+from mmie.core.head_precision import HEAD_DTYPES, head_precision
 from mmie.core.hooks import edit_blocks
-from mmie.core.models import LoadedModel, loaded
+from mmie.core.models import LoadedModel, ModelSpec, loaded
 from mmie.core.progress import SILENT, Progress
 from mmie.depth.arms import ArmSpec, applied
+from mmie.depth.recovery import Sums, recovery_interval
 from mmie.edits.adapters import check_layers
 from mmie.lid.detect import detect
 
@@ -107,3 +121,142 @@ def steering_recovery(c: SteeringConfig, model, progress: Progress = SILENT) -> 
     with loaded(model) as lm, applied(lm, c.arm) as record:
         rows = steering_rates(lm, c, progress)
     return {"arm": record["arm"], "layer": c.layer, "rates": rows}
+
+
+# --------------------------------------------------------------------------- `mmie steer`
+@dataclass(frozen=True)
+class SteerRunConfig:
+    """Settings of `mmie steer` (files, not texts; the artifact records their hashes).
+
+    forget_train, replacement_train: training texts the direction is estimated from (never
+        the prompts). prompts: forget-language prompts to continue (held-out test texts).
+    layers: blocks a direction is added at, one at a time. scales: multiples of the direction
+        (0 is always measured: the unsteered rate).
+    n_prompts, max_samples: prompts used; texts per training set.
+    max_new_tokens, repetition_penalty, head_dtype: generation as in `evaluate`.
+    n_boot: bootstrap resamples of the recovery fraction (paired over prompts).
+    """
+
+    forget_train: str
+    replacement_train: str
+    prompts: str
+    layers: tuple[int, ...]
+    scales: tuple[float, ...] = (1.0, 2.0)
+    forget_lang: str = "hi"
+    arm: ArmSpec = ArmSpec()
+    model: ModelSpec = ModelSpec()
+    field: str = "text"
+    n_prompts: int = 60
+    max_samples: int | None = 200
+    max_new_tokens: int = 32
+    repetition_penalty: float = EVAL_REPETITION_PENALTY
+    head_dtype: str = "fp32"
+    max_length: int = 128
+    n_boot: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales if s != 0))
+        if not self.layers or min(self.layers) < 0 or not self.scales:
+            raise ValueError("at least one block >= 0 and one non-zero scale are required")
+        if self.n_prompts < 2 or self.max_new_tokens < 1 or self.n_boot < 1:
+            raise ValueError("n-prompts >= 2, max-new-tokens >= 1 and n-boot >= 1 are required")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"head dtype must be one of {sorted(HEAD_DTYPES)}")
+
+
+def _texts(c: SteerRunConfig) -> dict[str, list[str]]:
+    sets = {"forget_train": read_texts(c.forget_train, c.field, c.max_samples),
+            "replacement_train": read_texts(c.replacement_train, c.field, c.max_samples),
+            "prompts": read_texts(c.prompts, c.field, c.n_prompts)}
+    if len(sets["prompts"]) < 2 or not sets["forget_train"] or not sets["replacement_train"]:
+        raise DataError("steer needs >= 2 prompts and non-empty training sets")
+    if overlap := set(sets["prompts"]) & set(sets["forget_train"]):
+        raise DataError(f"{len(overlap)} prompts are also direction-training texts: the "
+                        "direction must come from training data, the prompts from held-out text")
+    return sets
+
+
+def _condition(lm: LoadedModel, c: SteerRunConfig, sets: dict[str, list[str]],
+               progress: Progress, tag: str) -> dict[str, list[dict]]:
+    """``{"0": rows, "<layer>x<scale>": rows}``: one generation per prompt each, LID-labelled."""
+    settings = GenerationSettings(max_new_tokens=c.max_new_tokens,
+                                  repetition_penalty=c.repetition_penalty, seed=c.seed)
+    runs = {"0": nullcontext()}
+    for layer in c.layers:
+        direction = steering_direction(lm, sets["forget_train"], sets["replacement_train"],
+                                       layer, max_length=c.max_length)
+        runs.update({f"{layer}x{s:g}": steered(lm, layer, direction, s) for s in c.scales})
+    out = {}
+    for key, ctx in runs.items():
+        with ctx:
+            gens = generate(lm, sets["prompts"], settings, progress=progress,
+                            desc=f"{tag} {key}")
+        langs = detect([g.text for g in gens])
+        out[key] = [{"text": g.text, "lang": r.lang, "forget": r.lang == c.forget_lang}
+                    for g, r in zip(gens, langs, strict=True)]
+    return out
+
+
+def measure_steering(c: SteerRunConfig, progress: Progress = SILENT):
+    """Continuations of every prompt, unsteered and steered, for base (and arm), one load."""
+    sets = _texts(c)
+    with loaded(c.model) as lm, head_precision(c.head_dtype):
+        check_layers(lm, list(c.layers))
+        got = {"base": _condition(lm, c, sets, progress, "base")}
+        record: dict = {}
+        if not c.arm.is_base:
+            with applied(lm, c.arm) as record:
+                got["arm"] = _condition(lm, c, sets, progress, "arm")
+        return sets, got, record, lm.identity
+
+
+def _rate(rows: list[dict]) -> dict:
+    x, n = sum(r["forget"] for r in rows), len(rows)
+    return {"x": x, "n": n, "rate": x / n, "low": cp_bound(x, n, 0.025, "greater"),
+            "high": cp_bound(x, n, 0.025, LESS)}
+
+
+def _sums(rows: list[dict]) -> Sums:
+    return Sums.of([float(r["forget"]) for r in rows], [1.0] * len(rows))
+
+
+def summarise(got: dict[str, dict[str, list[dict]]], c: SteerRunConfig) -> dict:
+    """Forget rate (exact 95% interval) per condition and run; for the arm, the recovery
+    fraction ``(arm(k) - arm(0)) / (base(0) - arm(0))`` of each steered run, paired over
+    prompts (:func:`mmie.depth.recovery.recovery_interval`)."""
+    out: dict = {cond: {key: _rate(rows) for key, rows in runs.items()}
+                 for cond, runs in got.items()}
+    if "arm" in got:
+        before, base = _sums(got["arm"]["0"]), _sums(got["base"]["0"])
+        out["recovery"] = {key: recovery_interval(before, _sums(rows), base, n_boot=c.n_boot,
+                                                  seed=c.seed)
+                           for key, rows in got["arm"].items() if key != "0"}
+    return out
+
+
+def _samples(sets: dict[str, list[str]], got: dict) -> str:
+    rows = [{"condition": cond, "run": key, "idx": i, "prompt": sets["prompts"][i], **row}
+            for cond, runs in got.items() for key, rs in runs.items() for i, row in enumerate(rs)]
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def run(config: SteerRunConfig, out: Path | str, *, force: bool = False,
+        progress: Progress = SILENT) -> Artifact:
+    """Measure, save and return the ``steering`` artifact (see the module docstring)."""
+    if Path(out).exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    sets, got, record, identity = measure_steering(config, progress)
+    metrics = {"arm_name": record.get("arm", "base"), "layers": list(config.layers),
+               "scales": list(config.scales), "forget_lang": config.forget_lang,
+               **summarise(got, config),
+               "data": {name: {"path": str(getattr(config, name)), "n": len(texts),
+                               "sha256": sha256_file(Path(getattr(config, name)))
+                               if Path(getattr(config, name)).is_file() else None}
+                        for name, texts in sets.items()}}
+    settings = {**asdict(config), "applied": {k: v for k, v in record.items() if k != "arm"}}
+    parents = [Path(p) for p in (config.arm.adapter, config.arm.sae, config.arm.scrub,
+                                 config.arm.neurons) if p]
+    return save(out, "steering", tensors={}, config=settings, model=identity, parents=parents,
+                metrics=metrics, files={"samples.jsonl": _samples(sets, got)}, force=force)
