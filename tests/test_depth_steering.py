@@ -92,6 +92,13 @@ def test_cli_steer_writes_a_steering_artifact_for_base_and_arm(tmp_path):
     assert "1x4" in art.metrics["recovery"]
     assert {p["kind"] for p in art.manifest["parents"]} == {"neurons"}
     assert len(art.read_text("samples.jsonl").splitlines()) == 2 * 2 * 4
+    from mmie.report.stage import ReportConfig
+    from mmie.report.stage import run as report
+
+    page = report(ReportConfig((str(tmp_path / "s"),), str(tmp_path / "r.html"))).read_text()
+    base0 = art.metrics["base"]["0"]
+    assert "Steering: does one direction" in page
+    assert f"{base0['x']}/4 [{base0['low']:.2f}, {base0['high']:.2f}]" in page
 
 
 def test_prompts_that_are_training_texts_are_refused(tmp_path):

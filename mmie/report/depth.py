@@ -1,10 +1,11 @@
-"""The report's depth section: relearning recovery curves and parallel-sentence retrieval.
+"""The report's depth section: relearning recovery curves, parallel-sentence retrieval and
+steering recovery.
 
-Reads the ``relearn`` and ``comprehension`` artifacts (docs/internals.md lists their metrics)
-as data; it imports nothing from :mod:`mmie.depth`. A recovery fraction near 0 after the attack
-means the arm's removal held, near 1 that the attack brought the base model's level back; a
-retrieval ratio (arm top-1 / base top-1) near 1 means the model still maps the forget language
-onto the pivot language as well as before, whatever its output says.
+Reads the ``relearn``, ``comprehension`` and ``steering`` artifacts (docs/internals.md lists their
+metrics) as data; it imports nothing from :mod:`mmie.depth`. A recovery fraction near 0 after the
+attack means the arm's removal held, near 1 that the attack brought the base model's level back; a
+retrieval ratio (arm top-1 / base top-1) near 1 means the model still maps the forget language onto
+the pivot language as well as before, whatever its output says.
 """
 
 from __future__ import annotations
@@ -82,10 +83,36 @@ def comprehension_rows(art: Artifact) -> list[list]:
     return rows
 
 
+def _rate(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    return f"{cell['x']}/{cell['n']} [{cell['low']:.2f}, {cell['high']:.2f}]"
+
+
+def steering_rows(art: Artifact) -> list[list]:
+    m = art.metrics
+    return [[m.get("arm_name", "base"), "unsteered" if run == "0" else run, _rate(cell),
+             _rate(m.get("arm", {}).get(run)),
+             _interval(m["recovery"][run]) if run in m.get("recovery", {}) else "-"]
+            for run, cell in m.get("base", {}).items()]
+
+
+def _steering_part(arts: list[Artifact]) -> list[str]:
+    if not arts:
+        return []
+    return ["<h3>Steering: does one direction bring the language back?</h3>",
+            "<p>A difference-of-means direction (forget minus replacement language, training "
+            "texts) added at a block (run = block x scale) while held-out forget prompts are "
+            "continued. Recovery = (arm steered - arm unsteered) / (base unsteered - arm "
+            "unsteered), 1 = the base model's rate.</p>",
+            table(["arm", "run", "base forget rate [95% CI]", "arm forget rate [95% CI]",
+                   "arm recovery [interval]"], [r for a in arts for r in steering_rows(a)])]
+
+
 def section_depth(arts: list[Artifact]) -> str:
     relearn = [a for a in arts if a.kind == "relearn"]
     comp = [a for a in arts if a.kind == "comprehension"]
-    parts = []
+    parts = _steering_part([a for a in arts if a.kind == "steering"])
     if relearn:
         kept = "; ".join(f"{a.metrics.get('arm_name', '?')}: "
                          f"{', '.join(a.metrics.get('kept_during_attack', [])) or 'none'}"

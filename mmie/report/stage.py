@@ -185,6 +185,7 @@ SECTIONS: Registry[Section] = Registry("report section")  # by artifact kind, in
 SECTIONS.add("gate", ("Gate decisions: every gate", section_gates))
 SECTIONS.add("comprehension", ("Depth: is it gone or hidden?", section_depth))
 SECTIONS.add("relearn", ("Depth: is it gone or hidden?", section_depth))
+SECTIONS.add("steering", ("Depth: is it gone or hidden?", section_depth))
 SECTIONS.add("eval", ("Evaluation: metrics per arm and cross-lingual rates", section_evals))
 SECTIONS.add("layers", ("Layer selection", section_layers))
 SECTIONS.add("sae", ("Sparse autoencoders", section_sae))
@@ -232,10 +233,13 @@ def render(arts: list[Artifact], title: str) -> str:
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
 
 
+DEPTH_KINDS = ("comprehension", "relearn", "steering")
+
+
 def arts_of(by_kind: dict[str, list[Artifact]], kind: str) -> list[Artifact]:
-    """The depth section takes both depth kinds at once."""
-    if kind in ("comprehension", "relearn"):
-        return by_kind.get("comprehension", []) + by_kind.get("relearn", [])
+    """The depth section takes every depth kind at once."""
+    if kind in DEPTH_KINDS:
+        return [a for k in DEPTH_KINDS for a in by_kind.get(k, [])]
     return by_kind[kind]
 
 
