@@ -1,4 +1,4 @@
-"""`mmie neurons score|select|finetune|compare|ablate`: neuron-level analysis."""
+"""`mmie neurons score|select|refine|finetune|compare|ablate`: neuron-level analysis."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mmie.cli.common import (
     ModelOpt,
     OutOpt,
     SeedOpt,
+    info,
     model_spec,
     progress,
     run_guarded,
@@ -124,6 +125,48 @@ def select_cmd(
     if json_out:
         return views.as_json(artifact)
     views.select(artifact)
+
+
+@neurons_app.command("refine")
+def refine_cmd(
+    neurons: Annotated[str, typer.Option(help="Mask artifact to refine (e.g. from select "
+                                              "--lape --exclusive).")],
+    forget: Annotated[str, typer.Option(help="NAME=FILE of the forget language.")],
+    protect: Annotated[list[str], typer.Option(
+        "--protect", help="NAME=FILE of a protected language; repeat.")],
+    out_dir: OutOpt,
+    model: ModelOpt = "default",
+    max_ratio: Annotated[float, typer.Option(
+        help="Keep a neuron when ablating it costs every protected language at most this "
+             "share of what it costs the forget language.")] = 0.5,
+    min_effect: Annotated[float, typer.Option(
+        help="Nats of forget-language NLL a neuron's ablation must add to count.")] = 0.0,
+    n_texts: Annotated[int, typer.Option(help="Texts per language (the first ones).")] = 16,
+    max_length: MaxLengthOpt = 64,
+    batch_size: BatchSizeOpt = 8,
+    field: FieldOpt = "text",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Keep only the selected neurons whose measured ablation effect hurts the forget language
+    more than every protected language (one forward pass per neuron and language)."""
+    from mmie.neurons.refine import RefineConfig, run_refine
+
+    forget_pair = parse_pairs([forget], "--forget", "NAME=FILE")[0]
+    artifact = run_guarded(lambda: run_refine(writes(RefineConfig(
+        neurons=neurons, forget=forget_pair, protect=tuple(parse_pairs(protect, "--protect",
+                                                                       "NAME=FILE")),
+        model=model_spec(model, device, dtype), field=field, n_texts=n_texts,
+        max_length=max_length, batch_size=batch_size, max_ratio=max_ratio,
+        min_effect=min_effect), out_dir, force), out_dir, force=force, progress=progress()))
+    if json_out:
+        return views.as_json(artifact)
+    m = artifact.metrics
+    info(f"kept {m['kept']['selected']} of {m['input']['selected']} neurons; mean ablation "
+         "effect (nats): " + ", ".join(f"{k} {v:+.4f}" for k, v in m["mean_effect"].items()))
+    info(f"artifact written to {artifact.path}")
 
 
 @neurons_app.command("finetune")

@@ -233,10 +233,12 @@ def arm_scale(artifact: Artifact, scale: float | None) -> float:
 
 
 def arm_name(artifact: Artifact, scale: float | None) -> str:
-    """``neurons[-exclusive]-x<scale>``, e.g. ``neurons-exclusive-x0`` for ablated exclusive
-    neurons: the scale is part of the arm, since 0.5 and 0 are different edits."""
+    """``neurons[-exclusive][-refined]-x<scale>``, e.g. ``neurons-exclusive-x0`` for ablated
+    exclusive neurons: the scale is part of the arm, since 0.5 and 0 are different edits;
+    ``-refined``: kept by their measured effect (`neurons refine`)."""
     exclusive = "-exclusive" if artifact.config.get("exclusive") else ""
-    return f"neurons{exclusive}-x{arm_scale(artifact, scale):g}"
+    refined = "-refined" if artifact.config.get("refined") else ""
+    return f"neurons{exclusive}{refined}-x{arm_scale(artifact, scale):g}"
 
 
 @contextmanager
