@@ -209,3 +209,25 @@ def test_relearn_keeps_a_gated_arm_applied_during_the_attack(tmp_path):
     art = load(tmp_path / "r", kind="relearn")
     assert art.metrics["kept_during_attack"] == ["glora"]
     assert art.config["applied"]["adapter"]["merged"] is False
+
+
+def test_val_prompt_frac_scores_positive_validation_texts_on_their_prompts(tmp_path, monkeypatch):
+    import mmie.edits.langgate as lg
+    from mmie.core.data import split_prompt
+
+    seen = {}
+
+    def spy(lm, positive, negative, val_positive, val_negative, config, progress):
+        seen.update(pos=val_positive, neg=val_negative)
+        raise RuntimeError("stop after the inputs")
+
+    monkeypatch.setattr(lg, "fit_gate", spy)
+    files = {n: write_jsonl(tmp_path / f"{n}.jsonl", t) for n, t in (("hi", HI), ("en", EN))}
+    inputs = {role: {"x": str(files["hi" if "positive" in role else "en"])}
+              for role in lg.ROLES}
+    with pytest.raises(RuntimeError, match="stop"):
+        lg.run(TINY, inputs, tmp_path / "g", LangGateConfig(val_prompt_frac=0.5))
+    assert seen["pos"]["x"] == [split_prompt(t, 0.5)[0] for t in HI]
+    assert seen["neg"]["x"] == EN  # negatives stay whole: a kept language must never fire
+    with pytest.raises(ValueError, match="val_prompt_frac"):
+        LangGateConfig(val_prompt_frac=1.0)

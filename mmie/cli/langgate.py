@@ -57,6 +57,10 @@ def langgate(
         "--window", help="Candidate number of tokens averaged before the threshold (repeat; "
                          "default 3, 5).")] = None,
     l2: Annotated[float, typer.Option(help="Ridge penalty on the probe weights.")] = 1e-3,
+    val_prompt_frac: Annotated[float | None, typer.Option(
+        "--val-prompt-frac", help="Score each validation positive text on its prompt only (its "
+                                  "first share of words, as evaluate cuts it, e.g. 0.5): the "
+                                  "gate must fire before the answer starts.")] = None,
     max_length: MaxLengthOpt = 128,
     batch_size: BatchSizeOpt = 16,
     field: FieldOpt = "text",
@@ -79,7 +83,7 @@ def langgate(
     def body():
         config = LangGateConfig(layers=tuple(layer or (4, 6, 8)),
                                 windows=tuple(window or (3, 5)), l2=l2, max_length=max_length,
-                                batch_size=batch_size)
+                                batch_size=batch_size, val_prompt_frac=val_prompt_frac)
         inputs = {"positive": _sets(positive, "--positive"),
                   "negative": _sets(negative, "--negative"),
                   "val_positive": _sets(val_positive, "--val-positive"),

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from mmie.core.activations import iter_batches
 from mmie.core.artifacts import Artifact, load, save
-from mmie.core.data import read_texts
+from mmie.core.data import read_texts, split_prompt
 from mmie.core.errors import ArtifactError, DataError
 from mmie.core.hooks import HookSpec, block_hidden, hooked
 from mmie.core.models import LoadedModel, ModelSpec, loaded, unwrap
@@ -66,6 +66,11 @@ class LangGateConfig:
     l2: ridge penalty on the probe weights (standardised features).
     max_length, batch_size: tokens per text and texts per forward pass.
     max_iter: L-BFGS iterations.
+    val_prompt_frac: None, or cut each validation *positive* text to its prompt (its first
+        ``val_prompt_frac`` of words, as `evaluate` cuts prompts) before scoring it. An edit
+        behind the gate can only keep the first answer token from being in the forget language
+        if the gate fires within the prompt; scoring whole positive texts lets a gate through
+        that fires only halfway into a short prompt's answer.
     """
 
     layers: tuple[int, ...] = (4, 6, 8)
@@ -74,6 +79,7 @@ class LangGateConfig:
     max_length: int = 128
     batch_size: int = 16
     max_iter: int = 200
+    val_prompt_frac: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
@@ -86,6 +92,8 @@ class LangGateConfig:
             raise ValueError("max_length, batch_size and max_iter must be >= 1")
         if self.l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        if self.val_prompt_frac is not None and not 0 < self.val_prompt_frac < 1:
+            raise ValueError(f"val_prompt_frac must be in (0, 1), got {self.val_prompt_frac}")
 
 
 @dataclass
@@ -326,6 +334,9 @@ def run(model: ModelSpec, inputs: Mapping[str, Mapping[str, str]], out: Path | s
                         f"{', '.join(missing)}")
     texts = {role: {name: read_texts(p, field=field) for name, p in sets.items()}
              for role, sets in inputs.items()}
+    if config.val_prompt_frac is not None:  # see LangGateConfig.val_prompt_frac
+        texts["val_positive"] = {name: [split_prompt(t, config.val_prompt_frac)[0] for t in ts]
+                                 for name, ts in texts["val_positive"].items()}
     check_out(Path(out), [p for sets in inputs.values() for p in sets.values()], force=force)
     with loaded(model) as lm:
         gate, record = fit_gate(lm, texts["positive"], texts["negative"], texts["val_positive"],
