@@ -231,3 +231,54 @@ def test_val_prompt_frac_scores_positive_validation_texts_on_their_prompts(tmp_p
     assert seen["neg"]["x"] == EN  # negatives stay whole: a kept language must never fire
     with pytest.raises(ValueError, match="val_prompt_frac"):
         LangGateConfig(val_prompt_frac=1.0)
+
+
+def test_unchanged_is_exactly_where_the_gate_never_fires():
+    with loaded(TINY) as lm:
+        ids = lm.tokenizer([HI[1] + " " + EN[1]], return_tensors="pt")["input_ids"]
+        seqs = [ids[0].tolist(), ids[0, :3].tolist()]
+        for threshold, expected in ((math.inf, [True, True]), (-math.inf, [False, False])):
+            assert _adapter(lm, _gate(lm.identity.d_model, threshold)).unchanged(seqs) == expected
+        adapter = _adapter(lm, _halfway_gate(lm, ids))
+        got = adapter.unchanged(seqs)
+        with torch.no_grad(), gate_live(lm, adapter.gate) as latch:
+            for seq, flag in zip(seqs, got, strict=True):
+                lm.model(input_ids=torch.tensor([seq]))
+                assert flag is not bool(latch.values.any())
+        assert got == [False, True]  # fires late in the long text, not in its first 3 tokens
+
+
+def test_validation_reuses_unchanged_items_and_matches_a_fresh_scoring():
+    from mmie.unlearn.validation import ValidationConfig, ValTexts
+    from mmie.unlearn.valscore import Scorer
+
+    c = ValidationConfig(forget="f", retain="r", protect=(("en2", "e"),))
+    texts = ValTexts(forget=HI[:4], retain=EN[:3], protect={"en2": EN[3:6]})
+    with loaded(TINY) as lm:
+        gate = _gate(lm.identity.d_model, 0.0, window=2)
+        adapter = _adapter(lm, gate)
+        cached = Scorer(lm, c, texts, max_length=48, batch_size=2)
+        with torch.no_grad():  # threshold: the median item's top window score
+            tops = []
+            for item in cached.items + cached.retain:
+                got = {}
+                handle = lm.blocks[0].register_forward_hook(
+                    lambda m, a, o, got=got: got.setdefault("h", o[0] if isinstance(o, tuple)
+                                                            else o))
+                try:
+                    lm.model(input_ids=torch.tensor([list(item.ids)]))
+                finally:
+                    handle.remove()
+                tops.append(gate.text_score(got["h"][0, 1:]))
+        gate.threshold = float(sorted(tops)[len(tops) // 2])
+        cached.measure(adapter)
+        fixed = cached.cache["mass"][0] + cached.cache["retain"][0]
+        assert any(fixed) and not all(fixed)  # some items reused, some scored again
+        with torch.no_grad():
+            for p in adapter.params.values():
+                p.mul_(3.0)
+        again = cached.measure(adapter)
+        fresh = Scorer(lm, c, texts, max_length=48, batch_size=2).measure(adapter)
+    for key in ("forget_mass", "retain_nll"):
+        assert again[key] == pytest.approx(fresh[key], rel=1e-4)
+    assert again["own_mass"]["en2"] == pytest.approx(fresh["own_mass"]["en2"], rel=1e-4)

@@ -19,7 +19,7 @@ names each missing, unexpected or misshapen key.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -150,6 +150,12 @@ class Adapter:
 
     def payload(self) -> Payload:
         raise NotImplementedError
+
+    def unchanged(self, sequences: Sequence[Sequence[int]]) -> list[bool]:
+        """Per token sequence: True when the edit provably leaves every output of the model on
+        it as the base model has it (whatever its trained weights). Validation scores such a
+        sequence once instead of every time. Default: never."""
+        return [False] * len(sequences)
 
     def remove(self) -> None:
         """Take the edit out of ``lm.model`` (idempotent)."""

@@ -27,7 +27,7 @@ self-contained).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from mmie.core.artifacts import Artifact
 from mmie.core.errors import ModelError
-from mmie.core.hooks import HookSpec, hooked
+from mmie.core.hooks import HookSpec, StopForward, hooked, run_until_stop
 from mmie.core.models import LoadedModel
 from mmie.edits.adapters import (
     Adapter,
@@ -148,6 +148,22 @@ class GatedLoraAdapter(Adapter):
                      for key, module in self.modules.items()]
             with hooked(hooks):
                 yield {}
+
+    def unchanged(self, sequences: Sequence[Sequence[int]]) -> list[bool]:
+        """A sequence on which the gate never fires sees the base model exactly, whatever the
+        LoRA weights: one pass per sequence up to the gate's block (unpadded, as the gate is
+        causal and per row), stopped there."""
+        def stop(module, args, output):
+            raise StopForward  # registered after the gate's own hook, so the latch has run
+
+        out = []
+        with torch.no_grad(), gate_live(self.lm, self.gate) as latch, \
+                hooked([HookSpec(self.lm.blocks[self.gate.layer], stop)]):
+            for ids in sequences:
+                run_until_stop(lambda ids=ids: self.lm.model(
+                    input_ids=torch.tensor([list(ids)], device=self.lm.device), use_cache=False))
+                out.append(not bool(latch.values.any()))
+        return out
 
     def payload(self) -> Payload:
         lora = {k: p.detach().contiguous() for k, p in self.params.items()}

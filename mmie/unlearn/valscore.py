@@ -7,6 +7,10 @@ gradient. :class:`Keeper` is the training loop's validation hook: it scores step
 (and of step 0 when that is the fallback), and at the end puts the chosen weights back so the
 artifact saves them. The rule is :func:`mmie.unlearn.validation.choose`.
 
+Items the edit provably leaves as the base model has them (:meth:`Adapter.unchanged`: for a
+gated LoRA, texts on which its language gate never fires) are scored at the first measurement
+only and their results reused: for ``glora`` that is most of the protected and retain texts.
+
 Under a launcher every process scores the whole split on its own (no collective; the
 processes hold identical weights, so they agree on the choice).
 """
@@ -62,6 +66,25 @@ class Scorer:
             raise DataError(f"{c.forget}: no validation text leaves a continuation after its "
                             f"prompt within {max_length} tokens")
         self.retain = text_items(lm, texts.retain, max_length)
+        self.cache: dict = {}  # kind -> (unchanged flags, first measurement's results)
+
+    def _scored(self, adapter, fn, items: list, kind: str) -> list:
+        """``fn(items)`` under the edit, reusing the first results of unchanged items."""
+        if kind not in self.cache:
+            unchanged = getattr(adapter, "unchanged", None)  # an Adapter has it; a stub may not
+            fixed = unchanged([it.ids for it in items]) if unchanged else [False] * len(items)
+            with torch.no_grad(), adapter.edits():
+                got = fn(items)
+            self.cache[kind] = (fixed, got)
+            return got
+        fixed, first = self.cache[kind]
+        live = [i for i, f in enumerate(fixed) if not f]
+        with torch.no_grad(), adapter.edits():
+            fresh = fn([items[i] for i in live]) if live else []
+        got = list(first)
+        for i, value in zip(live, fresh, strict=True):
+            got[i] = value
+        return got
 
     def _column(self, owner: int, column: int, masses) -> float | None:
         return _mean(m.mass[column] for m, k in zip(masses, self.owner, strict=True)
@@ -71,9 +94,10 @@ class Scorer:
         """Forget mass, own mass per protected language, forget-language leakage after each
         protected language's prompts, and the retain texts' token-mean NLL."""
         start = time.perf_counter()
-        with torch.no_grad(), adapter.edits():
-            masses = mass_scores(self.lm, self.items, self.id_sets, batch_size=self.batch_size)
-            scores = score(self.lm, self.retain, batch_size=self.batch_size)
+        masses = self._scored(adapter, lambda its: mass_scores(
+            self.lm, its, self.id_sets, batch_size=self.batch_size), self.items, "mass")
+        scores = self._scored(adapter, lambda its: score(
+            self.lm, its, batch_size=self.batch_size), self.retain, "retain")
         protected = list(enumerate(self.langs))[1:]
         tokens = sum(s.n_tokens for s in scores)
         return {"forget_mass": self._column(0, 0, masses),
