@@ -107,3 +107,13 @@ def test_prompts_that_are_training_texts_are_refused(tmp_path):
                             prompts=str(f["hi_train"]), layers=(1,), model=TINY)
     with pytest.raises(DataError, match="direction-training"):
         run(config, tmp_path / "s")
+
+
+def test_no_recovery_reads_as_zero_not_minus_zero():
+    rows = lambda flags: [{"forget": f} for f in flags]  # noqa: E731
+    got = {"base": {"0": rows([1, 1, 0]), "1x1": rows([1, 1, 1])},
+           "arm": {"0": rows([0, 0, 0]), "1x1": rows([0, 0, 0])}}
+    config = SteerRunConfig(forget_train="a", replacement_train="b", prompts="c", layers=(1,),
+                            scales=(1.0,), n_boot=100)
+    cell = summarise(got, config)["recovery"]["1x1"]
+    assert all(f"{cell[k]:.2f}" == "0.00" for k in ("value", "low", "high") if k in cell)

@@ -222,6 +222,11 @@ def _sums(rows: list[dict]) -> Sums:
     return Sums.of([float(r["forget"]) for r in rows], [1.0] * len(rows))
 
 
+def _no_negative_zero(cell: dict) -> dict:
+    """0/-x is -0.0: shown as "-0.00", it reads as a (tiny) negative recovery; it is none."""
+    return {k: v + 0.0 if isinstance(v, float) else v for k, v in cell.items()}
+
+
 def summarise(got: dict[str, dict[str, list[dict]]], c: SteerRunConfig) -> dict:
     """Forget rate (exact 95% interval) per condition and run; for the arm, the recovery
     fraction ``(arm(k) - arm(0)) / (base(0) - arm(0))`` of each steered run, paired over
@@ -230,9 +235,9 @@ def summarise(got: dict[str, dict[str, list[dict]]], c: SteerRunConfig) -> dict:
                  for cond, runs in got.items()}
     if "arm" in got:
         before, base = _sums(got["arm"]["0"]), _sums(got["base"]["0"])
-        out["recovery"] = {key: recovery_interval(before, _sums(rows), base, n_boot=c.n_boot,
-                                                  seed=c.seed)
-                           for key, rows in got["arm"].items() if key != "0"}
+        out["recovery"] = {key: _no_negative_zero(recovery_interval(
+            before, _sums(rows), base, n_boot=c.n_boot, seed=c.seed))
+            for key, rows in got["arm"].items() if key != "0"}
     return out
 
 
