@@ -160,3 +160,23 @@ def test_cli_trains_an_nrows_arm_from_a_mask(tmp_path):
     rows = arm.tensors("rows")
     assert rows["layer1.index"].tolist() == SELECTED[1]
     assert float(rows["layer1.up_proj"].abs().max()) > 0  # training moved the deltas
+
+
+def test_relearn_keeps_an_nrows_arm_applied_during_the_attack(tmp_path):
+    with loaded(TINY) as lm:
+        made = _adapter(lm, tmp_path)
+        with torch.no_grad():
+            for p in made.params.values():
+                p.normal_(0, 0.1)
+        _saved(lm, made, tmp_path / "arm")
+    write_jsonl(tmp_path / "attack.jsonl", HI[:6])
+    write_jsonl(tmp_path / "held.jsonl", HI[6:])
+    result = runner.invoke(app, [
+        "relearn", "--attack", str(tmp_path / "attack.jsonl"), "--heldout",
+        str(tmp_path / "held.jsonl"), "--model", "tiny:llama", "--device", "cpu", "--steps", "1",
+        "--batch-size", "4", "--max-length", "32", "--n-boot", "100", "--forget-script", "Latn",
+        "--adapter", str(tmp_path / "arm"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    art = load(tmp_path / "r", kind="relearn")
+    assert art.metrics["kept_during_attack"] == ["nrows"]
+    assert art.config["applied"]["adapter"]["merged"] is False
