@@ -54,3 +54,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def relearn_on(tmp_path, arm, texts):
+    """`mmie relearn` for one step on tiny llama against the adapter at ``arm``; the attack and
+    held-out sets are the first 6 and the rest of ``texts``. Returns the CLI result."""
+    from typer.testing import CliRunner
+
+    from mmie.cli import app
+    from tests.conftest import write_jsonl
+
+    write_jsonl(tmp_path / "attack.jsonl", texts[:6])
+    write_jsonl(tmp_path / "held.jsonl", texts[6:])
+    return CliRunner().invoke(app, [
+        "relearn", "--attack", str(tmp_path / "attack.jsonl"), "--heldout",
+        str(tmp_path / "held.jsonl"), "--model", "tiny:llama", "--device", "cpu", "--steps", "1",
+        "--batch-size", "4", "--max-length", "32", "--n-boot", "100", "--forget-script", "Latn",
+        "--adapter", str(arm), "--out", str(tmp_path / "r")])

@@ -25,6 +25,7 @@ from mmie.edits.langgate import (
 )
 from mmie.unlearn.config import UnlearnConfig
 from tests.conftest import EN, HI, write_jsonl
+from tests.helpers import relearn_on
 
 runner = CliRunner()
 TINY = ModelSpec(name="tiny:llama", device="cpu")
@@ -198,13 +199,7 @@ def test_cli_langgate_then_glora_unlearn(tmp_path):
 def test_relearn_keeps_a_gated_arm_applied_during_the_attack(tmp_path):
     with loaded(TINY) as lm:
         _glora_artifact(lm, tmp_path / "arm", _gate(lm.identity.d_model, 0.0))
-    write_jsonl(tmp_path / "attack.jsonl", HI[:6])
-    write_jsonl(tmp_path / "held.jsonl", HI[6:])
-    result = runner.invoke(app, [
-        "relearn", "--attack", str(tmp_path / "attack.jsonl"), "--heldout",
-        str(tmp_path / "held.jsonl"), "--model", "tiny:llama", "--device", "cpu", "--steps", "1",
-        "--batch-size", "4", "--max-length", "32", "--n-boot", "100", "--forget-script", "Latn",
-        "--adapter", str(tmp_path / "arm"), "--out", str(tmp_path / "r")])
+    result = relearn_on(tmp_path, tmp_path / "arm", HI)
     assert result.exit_code == 0, result.output
     art = load(tmp_path / "r", kind="relearn")
     assert art.metrics["kept_during_attack"] == ["glora"]

@@ -20,7 +20,10 @@ from mmie.edits.neurons import block_mlps, mask_tensors
 from mmie.edits.nrows import NeuronRowsAdapter
 from mmie.unlearn.config import UnlearnConfig
 from tests.conftest import EN, HI, write_jsonl
-from tests.helpers import one_thread  # noqa: F401  (autouse: one torch thread)
+from tests.helpers import (
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    relearn_on,
+)
 
 runner = CliRunner()
 TINY = ModelSpec(name="tiny:llama", device="cpu")
@@ -169,13 +172,7 @@ def test_relearn_keeps_an_nrows_arm_applied_during_the_attack(tmp_path):
             for p in made.params.values():
                 p.normal_(0, 0.1)
         _saved(lm, made, tmp_path / "arm")
-    write_jsonl(tmp_path / "attack.jsonl", HI[:6])
-    write_jsonl(tmp_path / "held.jsonl", HI[6:])
-    result = runner.invoke(app, [
-        "relearn", "--attack", str(tmp_path / "attack.jsonl"), "--heldout",
-        str(tmp_path / "held.jsonl"), "--model", "tiny:llama", "--device", "cpu", "--steps", "1",
-        "--batch-size", "4", "--max-length", "32", "--n-boot", "100", "--forget-script", "Latn",
-        "--adapter", str(tmp_path / "arm"), "--out", str(tmp_path / "r")])
+    result = relearn_on(tmp_path, tmp_path / "arm", HI)
     assert result.exit_code == 0, result.output
     art = load(tmp_path / "r", kind="relearn")
     assert art.metrics["kept_during_attack"] == ["nrows"]

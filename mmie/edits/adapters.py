@@ -169,6 +169,12 @@ class Adapter:
             for name, param in params.items():
                 param.copy_(tensors[name])
 
+    def load_frozen(self, tensors: dict[str, Tensor]) -> None:
+        """:meth:`load_trainable`, then freeze: how a saved edit is applied."""
+        self.load_trainable(tensors)
+        for param in self.trainable().values():
+            param.requires_grad_(False)
+
 
 METHODS: Registry[type[Adapter]] = Registry("adapter method", tag="method")
 register_method = METHODS.decorator

@@ -131,9 +131,7 @@ class GatedLoraAdapter(Adapter):
         check_names_shapes(f"{artifact.path}/lora.safetensors",
                            {k: tuple(v["shape"]) for k, v in tensors.get("lora", {}).items()},
                            glora_shapes(lm, spec))
-        adapter.load_trainable(artifact.tensors("lora"))
-        for param in adapter.params.values():
-            param.requires_grad_(False)
+        adapter.load_frozen(artifact.tensors("lora"))
         return adapter
 
     def trainable(self) -> dict[str, nn.Parameter]:

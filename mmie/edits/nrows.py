@@ -80,10 +80,9 @@ class NeuronRowsAdapter(Adapter):
     default_lr = 1e-3
 
     def __init__(self, lm: LoadedModel, spec: AdapterSpec, index: dict[int, Tensor],
-                 params: dict[str, nn.Parameter]) -> None:
+                 params: dict[str, nn.Parameter], mlps: dict[int, MlpModules]) -> None:
         super().__init__(lm, spec)
-        self.index, self.params = index, params
-        self.mlps = block_mlps(lm, sorted(index))
+        self.index, self.params, self.mlps = index, params, mlps
 
     @classmethod
     def _build(cls, lm: LoadedModel, spec: AdapterSpec, index: dict[int, Tensor]
@@ -94,7 +93,7 @@ class NeuronRowsAdapter(Adapter):
             for name, shape in row_shapes(mlps[i], len(idx)).items():
                 params[f"layer{i}.{name}"] = nn.Parameter(
                     torch.zeros(shape, device=lm.block_device(i)))
-        return cls(lm, spec, index, params)
+        return cls(lm, spec, index, params, mlps)
 
     @classmethod
     def create(cls, lm: LoadedModel, spec: AdapterSpec) -> NeuronRowsAdapter:
@@ -120,9 +119,7 @@ class NeuronRowsAdapter(Adapter):
                     **{k: tuple(p.shape) for k, p in adapter.params.items()}}
         check_names_shapes(f"{artifact.path}/{STEM}.safetensors",
                            {k: tuple(v.shape) for k, v in tensors.items()}, expected)
-        adapter.load_trainable({k: tensors[k] for k in adapter.params})
-        for param in adapter.params.values():
-            param.requires_grad_(False)
+        adapter.load_frozen({k: tensors[k] for k in adapter.params})
         return adapter
 
     def trainable(self) -> dict[str, nn.Parameter]:
