@@ -33,6 +33,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from mmie.core.head_precision import head_precision
 from mmie.core.models import ModelSpec, loaded
 from mmie.unlearn.objectives import ObjectiveInputs
 from mmie.unlearn.stage import UnlearnConfig, prepare, read_data
@@ -52,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=64, help="retain KL: reference ids kept")
     parser.add_argument("--token-frac", type=float, default=1.0,
                         help="retain KL: share of retain positions scored per step")
+    parser.add_argument("--exact", action="store_true",
+                        help="retain KL over the full vocabulary (--retain-opt exact=true)")
+    parser.add_argument("--head-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="mmie's step: LM head precision (the naive step stays fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -64,7 +69,8 @@ def bench_config(args: argparse.Namespace) -> UnlearnConfig:
         forget=str(SAMPLE / "hi.jsonl"), retain=(str(SAMPLE / "en.jsonl"),),
         model=ModelSpec(name=args.model, device=args.device), method=args.method,
         objective="npo", retain_loss="kl", retain_options=(("top_k", str(args.top_k)),
-                                                    ("token_frac", str(args.token_frac))),
+                                                    ("token_frac", str(args.token_frac)))
+        + ((("exact", "true"),) if args.exact else ()), head_dtype=args.head_dtype,
         steps=steps, batch_size=args.batch_size, max_length=args.max_length,
         checkpoint_every=0, max_samples=max(8, steps * args.batch_size))
 
@@ -144,13 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
         setup = time.perf_counter() - start
         trainer = prepared.trainer
         try:
-            ours, naive = timed(trainer, args)
-            check = compare(trainer, config.steps - 1)
+            # the naive step calls the head module itself: it stays fp32 either way
+            with head_precision(args.head_dtype):
+                ours, naive = timed(trainer, args)
+                check = compare(trainer, config.steps - 1)
         finally:
             prepared.adapter.remove()
         result = {
             "model": lm.identity.name, "vocab": lm.identity.vocab_size, "method": args.method,
             "batch": f"{args.batch_size} x {args.max_length}", "threads": torch.get_num_threads(),
+            "retain_kl": "exact" if args.exact else f"top-{args.top_k}",
+            "head_dtype": args.head_dtype,
             "ours_s": statistics.median(ours), "naive_s": statistics.median(naive),
             "speedup": statistics.median(naive) / statistics.median(ours),
             "one_off_reference_s": prepared.reference_seconds,

@@ -92,10 +92,13 @@ def test_fast_head_leaves_other_heads_and_fp32_alone():
 
 
 def _count_fast_calls(monkeypatch) -> list:
-    """Rows of every fast_logits call from now on."""
-    calls, real = [], hp.fast_logits
-    monkeypatch.setattr(hp, "fast_logits",
-                        lambda h, *a, **k: calls.append(h.shape[0]) or real(h, *a, **k))
+    """Rows of every bf16 head product from now on (the shadowed head's, or the buffered one
+    that greedy decoding and the scoring passes use)."""
+    calls = []
+    for name in ("fast_logits", "fast_logits_into"):
+        real = getattr(hp, name)
+        monkeypatch.setattr(hp, name, lambda h, *a, _real=real, **k:
+                            calls.append(h.shape[0]) or _real(h, *a, **k))
     return calls
 
 
@@ -126,7 +129,7 @@ def test_tied_gemma3_head_with_a_softcap(monkeypatch):
         calls = _count_fast_calls(monkeypatch)
         with hp.head_precision("bf16"):
             fast = generate(lm, PROMPTS, settings)
-        # one call per step, one row per prompt: HF asks for the last position only
+        # one call per step, one row per prompt: the last position only
         assert calls == [len(PROMPTS)] * settings.max_new_tokens
         assert base.get_input_embeddings().weight is lm_head(lm.model).weight
         assert lm_head(lm.model).weight.dtype == torch.float32

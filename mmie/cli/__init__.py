@@ -66,10 +66,13 @@ def _main(
 
 
 def _runtime(ctx: typer.Context, profile: bool) -> None:
-    """Threads that fit the machine (:mod:`mmie.core.threads`), and the profile table printed
-    when the command ends (:mod:`mmie.core.profile`)."""
+    """Threads that fit the machine (:mod:`mmie.core.threads`), freed memory reused for the
+    next large tensor (:mod:`mmie.core.memory`), and the profile table printed when the command
+    ends (:mod:`mmie.core.profile`)."""
+    from mmie.core import memory, threads
     from mmie.core import profile as timing
-    from mmie.core import threads
+
+    memory.keep_freed_memory()
 
     try:
         threads.configure()

@@ -80,7 +80,7 @@ def continue_(
     head_dtype: Annotated[str, typer.Option(
         "--head-dtype", help="LM-head matmul precision while generating: fp32 or bf16 "
                              "(greedy continuations are the fp32 ones).")] = "fp32",
-    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 64,
     max_samples: Annotated[int | None, typer.Option(
         help="Continue only the first N texts.")] = None,
     field: FieldOpt = "text",

@@ -103,7 +103,7 @@ def evaluate_cmd(
         help="Eval artifact of the base model, for the retain perplexity ratio.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
     n_prompts: Annotated[int, typer.Option(help="First N texts of each set.")] = 16,
-    batch_size: BatchSizeOpt = 16,
+    batch_size: BatchSizeOpt = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (seeded).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass when sampling.")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option(

@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mmie.core import profile
+from mmie.core import decode, profile
 from mmie.core.distributed import World
-from mmie.core.head_precision import fast_head, head_logits
+from mmie.core.head_precision import LogitBuffer, fast_head
 from mmie.core.models import LoadedModel, get_decoder, input_device, lm_head, unwrap
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
@@ -48,6 +48,9 @@ from mmie.core.sharded import length_batches, map_batches
 # not warn about them under greedy decoding, while None would inherit the checkpoint's values.
 _NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0,
             "no_repeat_ngram_size": 0}
+
+
+ENGINES = ("auto", "transformers")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class GenerationSettings:
     compile: let transformers torch.compile the decode step (static cache, CUDA only).
     record_logprobs: keep the model's own log p of each generated token (greedy only; the
         penalty does not enter it): the continuation's teacher-forced score, without a pass.
+    engine: "auto" decodes greedily with :mod:`mmie.core.decode` (the same tokens as
+        ``model.generate``, without its per-step copies of the logits) wherever it applies
+        (greedy, dynamic cache, a plain linear head); "transformers" always calls
+        ``model.generate``.
     """
 
     max_new_tokens: int = 48
@@ -80,8 +87,11 @@ class GenerationSettings:
     static_cache: bool | None = None
     compile: bool = False
     record_logprobs: bool = False
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -252,6 +262,27 @@ def _finish(lm: LoadedModel, prompt: list[int], new: list[int], stops: set[int],
     return Generation(text, tuple(prompt), tuple(new[:cut]), cut < len(new), kept)
 
 
+def own_loop(lm: LoadedModel, config, settings: GenerationSettings) -> bool:
+    """Whether :mod:`mmie.core.decode` decodes (see ``GenerationSettings.engine``)."""
+    return (settings.engine == "auto" and not settings.sampling
+            and config.cache_implementation != "static" and decode.usable(lm))
+
+
+def _greedy_batch(lm: LoadedModel, rows: list[list[int]], config,
+                  settings: GenerationSettings) -> list[Generation]:
+    ids, mask = left_pad(rows, lm.tokenizer.pad_token_id)
+    device = input_device(lm.model)
+    new, logps = decode.greedy(lm, ids.to(device), mask.to(device),
+                               max_new_tokens=settings.max_new_tokens,
+                               stops=list(config.eos_token_id), pad_id=config.pad_token_id,
+                               penalty=settings.repetition_penalty,
+                               record=settings.record_logprobs)
+    stops = set(config.eos_token_id)
+    lps = logps.tolist() if logps is not None else [None] * len(rows)
+    return [_finish(lm, row, tokens, stops, lp)
+            for row, tokens, lp in zip(rows, new.tolist(), lps, strict=True)]
+
+
 @torch.inference_mode()
 def _generate_batch(lm: LoadedModel, rows: list[list[int]], config,
                     settings: GenerationSettings) -> list[Generation]:
@@ -287,13 +318,17 @@ def generate(lm: LoadedModel, prompts: Sequence[str],
     encoded = encode_prompts(lm, prompts, settings.max_prompt_tokens)
     config = generation_config(lm, settings)
 
+    batch = _greedy_batch if own_loop(lm, config, settings) else _generate_batch
+
     def run(number: int, chunk: list[int]) -> list[Generation]:
         if settings.sampling:
             torch.manual_seed(batch_seed(settings.seed, number))
-        return _generate_batch(lm, [encoded[i] for i in chunk], config, settings)
+        return batch(lm, [encoded[i] for i in chunk], config, settings)
 
     plan = length_batches([len(ids) for ids in encoded], settings.batch_size)
-    with _own_rng(settings, lm.device), fast_head(lm_head(lm.model)):
+    # decode computes the head itself; generate's head is shadowed for the same arithmetic
+    head = nullcontext() if batch is _greedy_batch else fast_head(lm_head(lm.model))
+    with _own_rng(settings, lm.device), head:
         return map_batches(plan, run, len(prompts), here=here, progress=progress, desc=desc)
 
 
@@ -341,15 +376,13 @@ def _target_mask(items: Sequence[ScoreItem], width: int) -> torch.Tensor:
 @profile.phase("lm_head")
 def _token_stats(hidden: torch.Tensor, labels: torch.Tensor, lm: LoadedModel,
                  chunk: int, z: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    head = lm_head(lm.model)
     softcap = getattr(unwrap(lm.model).config.get_text_config(), "final_logit_softcapping", None)
+    logits_of = LogitBuffer(lm_head(lm.model), softcap)  # one buffer for every chunk
     logps, zs = [torch.empty(0)], [torch.empty(0)]
     for start in range(0, hidden.shape[0], chunk):
         rows = labels[start:start + chunk, None].to(hidden.device)
         # under head_precision("bf16"): the label and each row's largest logits stay exact
-        logits = head_logits(head, hidden[start:start + chunk], rows)
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits_of(hidden[start:start + chunk], rows)
         rows = rows.to(logits.device)
         if not z:  # log p only: one logsumexp instead of four more passes over the vocabulary
             picked = logits.gather(-1, rows)[:, 0] - logits.logsumexp(-1)

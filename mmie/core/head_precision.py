@@ -83,10 +83,23 @@ def fast_logits(h: Tensor, weight: Tensor, fast: Tensor, also: Tensor | None,
     gets a margin of :data:`EXACT_TOP` more, so that rounding cannot swap an id in or out of
     the top ``top``."""
     logits = (h.to(fast.dtype) @ fast.T).float()
-    k = min(top + EXACT_TOP, logits.shape[-1])
-    logits = _exact_at(logits, h, weight, logits.detach().topk(k, dim=-1).indices)
+    logits = _exact_at(logits, h, weight, _top_ids(logits.detach(), top))
     # a second scatter, not one over both id sets: an id in both would get its gradient twice
     return logits if also is None else _exact_at(logits, h, weight, also.to(torch.long))
+
+
+def fast_logits_into(h: Tensor, weight: Tensor, fast: Tensor, low: Tensor, out: Tensor,
+                     top: int = EXACT_TOP) -> Tensor:
+    """:func:`fast_logits` without autograd, written into ``out`` (fp32 ``[rows, V]``) through
+    ``low`` (``[rows, V]`` in the fast dtype): buffers a caller keeps across calls, since on CPU
+    every fresh tensor of a 262k vocabulary's size is paid in page faults. Same values."""
+    torch.mm(h.to(fast.dtype), fast.T, out=low)
+    out.copy_(low)
+    return _exact_at(out, h, weight, _top_ids(out, top))
+
+
+def _top_ids(logits: Tensor, top: int) -> Tensor:
+    return logits.topk(min(top + EXACT_TOP, logits.shape[-1]), dim=-1).indices
 
 
 def _exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
@@ -103,7 +116,7 @@ def reduced() -> bool:
     return _STATE["dtype"] is not None
 
 
-def _plain_linear(head: nn.Module) -> bool:
+def plain_linear(head: nn.Module) -> bool:
     """A head whose product this module may compute itself. A bias would move which logits
     are the largest; an accelerate hook (offloading) keeps the real weight elsewhere; a wrapped
     head (PEFT) or one whose forward someone replaced computes more than ``h @ W.T``."""
@@ -114,10 +127,44 @@ def _plain_linear(head: nn.Module) -> bool:
 def head_logits(head: nn.Module, h: Tensor, also: Tensor | None = None) -> Tensor:
     """fp32 logits ``[rows, V]`` of hidden rows ``h`` (``[rows, d]``): ``head(h)`` as it is, or,
     under a reduced precision, :func:`fast_logits` with the ids in ``also`` exact."""
-    fast = fast_weight(head.weight) if _plain_linear(head) else None
+    fast = fast_weight(head.weight) if plain_linear(head) else None
     if fast is None:
         return head(h).float()
     return fast_logits(h, head.weight, fast, also)
+
+
+class LogitBuffer:
+    """:func:`head_logits` (then Gemma's soft-cap, if any) written into buffers kept across
+    calls, for inference passes: on CPU every fresh ``[rows, V]`` tensor of a 262k vocabulary is
+    new memory paid in page faults, which cost as much as the product itself. The same values
+    as :func:`head_logits`; a call's result is valid until the next call. A head that is not a
+    plain linear layer is called as it is (no buffer)."""
+
+    def __init__(self, head: nn.Module, softcap: float | None = None) -> None:
+        self.head, self.softcap = head, softcap
+        self.buffers: dict[str, Tensor] = {}
+
+    def _buffer(self, name: str, rows: int, dtype: torch.dtype) -> Tensor:
+        weight, buf = self.head.weight, self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dtype or buf.device != weight.device:
+            buf = self.buffers[name] = torch.empty((rows, weight.shape[0]), dtype=dtype,
+                                                   device=weight.device)
+        return buf[:rows]
+
+    def __call__(self, h: Tensor, also: Tensor | None = None) -> Tensor:
+        if not plain_linear(self.head) or torch.is_grad_enabled():
+            out = head_logits(self.head, h, also)
+            return self.softcap * torch.tanh(out / self.softcap) if self.softcap else out
+        out = self._buffer("out", h.shape[0], torch.float32)
+        weight, fast = self.head.weight, fast_weight(self.head.weight)
+        if fast is None:
+            torch.mm(h, weight.T, out=out)
+        else:
+            fast_logits_into(h, weight, fast, self._buffer("low", h.shape[0], fast.dtype),
+                             out)
+            if also is not None:
+                _exact_at(out, h, weight, also.to(torch.long))
+        return out.div_(self.softcap).tanh_().mul_(self.softcap) if self.softcap else out
 
 
 def _fast_forward(head: nn.Linear, h: Tensor) -> Tensor:
@@ -134,7 +181,7 @@ def fast_head(head: nn.Module) -> Iterator[None]:
     exact) when a reduced precision is on; otherwise, or for a head that is not a plain linear
     layer, nothing changes. The head's forward is shadowed on the instance, so a weight tied
     to the embedding stays fp32 and shared; the shadow goes in ``finally``."""
-    if not (reduced() and _plain_linear(head)):
+    if not (reduced() and plain_linear(head)):
         yield
         return
     head.forward = partial(_fast_forward, head)

@@ -58,7 +58,7 @@ class ContinueConfig:
     max_new_tokens: int = 48
     repetition_penalty: float = EVAL_REPETITION_PENALTY
     head_dtype: str = "fp32"
-    batch_size: int = 16
+    batch_size: int = 64
     max_samples: int | None = None
     field: str = "text"
     keep_all: bool = False

@@ -37,7 +37,9 @@ class EvalConfig:
     arm: name recorded for `gate`; None derives it (:func:`arm_name`).
     n_prompts: texts used per set (the first ones of each file).
     max_new_tokens, batch_size, temperature, top_p, seed: generation (greedy unless a
-        temperature is given); seed also seeds the probe folds.
+        temperature is given); seed also seeds the probe folds. batch_size (64) also batches
+        the scoring passes; on CPU 64 prompts per batch decode about 2x faster per prompt than
+        16 (the body's matmuls fill the cores; ``bench/bench_generation.py``), same tokens.
     repetition_penalty: 1.2 by default: greedy continuations of small models otherwise loop
         (Gemma 3 270M: 13 of 16 Hindi continuations of 48 tokens), and a loop counts as
         degenerate, not as a language, so the base rates would say little. Recorded in
@@ -77,7 +79,7 @@ class EvalConfig:
     arm: str | None = None
     n_prompts: int = 16
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = EVAL_REPETITION_PENALTY

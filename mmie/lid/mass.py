@@ -173,17 +173,15 @@ def _position_masses(hidden: torch.Tensor, lm, id_sets: list[torch.Tensor],
                      chunk: int) -> torch.Tensor:
     """``[P, K]`` probability mass on each of the K id sets, ``chunk`` positions at a time:
     a log-softmax over the vocabulary, then a logsumexp over each subset."""
-    from mmie.core.head_precision import head_logits
+    from mmie.core.head_precision import LogitBuffer
     from mmie.core.models import lm_head, unwrap
 
-    head = lm_head(lm.model)
     softcap = getattr(unwrap(lm.model).config.get_text_config(), "final_logit_softcapping", None)
+    logits_of = LogitBuffer(lm_head(lm.model), softcap)  # one buffer for every chunk
     out = [torch.empty(0, len(id_sets))]
     for start in range(0, hidden.shape[0], chunk):
         # under head_precision("bf16"): bf16 product, each row's largest logits exact
-        logits = head_logits(head, hidden[start:start + chunk])
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits_of(hidden[start:start + chunk])
         logp = logits.log_softmax(-1)
         out.append(torch.stack([subset_log_mass(logp, ids) for ids in id_sets], -1).exp().cpu())
     return torch.cat(out)
