@@ -19,6 +19,7 @@ processes keep preempting can make every small op take milliseconds.
 
     python bench/bench_unlearn_step.py                    # tiny:llama, seconds
     python bench/bench_unlearn_step.py --model default    # Gemma 3 270M (262k vocabulary)
+    python bench/bench_unlearn_step.py --model default --exact --head-dtype bf16  # #17's step
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from mmie.core import memory
 from mmie.core.head_precision import head_precision
 from mmie.core.models import ModelSpec, loaded
 from mmie.unlearn.objectives import ObjectiveInputs
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="retain KL over the full vocabulary (--retain-opt exact=true)")
     parser.add_argument("--head-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="mmie's step: LM head precision (the naive step stays fp32)")
+    parser.add_argument("--malloc", default="keep", choices=["keep", "system"],
+                        help="keep: freed memory reused, as the CLI sets it (mmie.core.memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        memory.keep_freed_memory()
     config = bench_config(args)
     data = read_data(config)
     with loaded(config.model) as lm:
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model": lm.identity.name, "vocab": lm.identity.vocab_size, "method": args.method,
             "batch": f"{args.batch_size} x {args.max_length}", "threads": torch.get_num_threads(),
             "retain_kl": "exact" if args.exact else f"top-{args.top_k}",
-            "head_dtype": args.head_dtype,
+            "head_dtype": args.head_dtype, "malloc": args.malloc,
             "ours_s": statistics.median(ours), "naive_s": statistics.median(naive),
             "speedup": statistics.median(naive) / statistics.median(ours),
             "one_off_reference_s": prepared.reference_seconds,

@@ -126,6 +126,10 @@ def evaluate_cmd(
                              "bf16 (faster on CPUs with AVX-512 BF16; each row's largest "
                              "logits, the scored tokens and every sum stay fp32, so greedy "
                              "continuations are the fp32 ones).")] = "fp32",
+    engine: Annotated[str, typer.Option(
+        help="Greedy decoding: auto (mmie's loop where it applies: the same tokens as "
+             "transformers' generate, faster on CPU) or transformers (always generate).")
+    ] = "auto",
     field: FieldOpt = "text",
     strict: Annotated[bool, typer.Option(
         "--strict", help="A metric that cannot be computed is an error, not a gap.")] = False,
@@ -166,7 +170,8 @@ def evaluate_cmd(
             seed=seed, forget_lang=forget_lang,
             retain_lang=retain_lang, replacement_lang=replacement_lang,
             protected=tuple(p.strip() for p in protected.split(",") if p.strip()),
-            fluency_tolerance=fluency_tolerance, head_dtype=head_dtype, field=field,
+            fluency_tolerance=fluency_tolerance, head_dtype=head_dtype, engine=engine,
+            field=field,
             strict=strict)
         return run(config, Path(out), force=force, progress=progress())
 

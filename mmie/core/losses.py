@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmie.core import profile
 from mmie.core.head_precision import fast_logits, fast_weight
+from mmie.core.kl_grad import full_kl_and_grad
 
 # 128 tokens x 262,144 ids x 4 bytes = 128 MiB per chunk: large enough for efficient matmuls,
 # small enough to leave room for the model on a laptop.
@@ -114,15 +115,19 @@ class _GradInForward(torch.autograd.Function):
     every token's gradient. Computing it inside forward (one extra matmul while the chunk's
     logits are still live) and saving only that ``[chunk, d]`` gradient makes backward a
     multiply: 2 vocabulary matmuls per chunk instead of checkpointing's 3. Not twice
-    differentiable.
+    differentiable. ``closed``, when given, returns ``(value, gradient)`` itself, without
+    autograd (:mod:`mmie.core.kl_grad`).
     """
 
     @staticmethod
-    def forward(ctx, fn, h, *rest):
-        with torch.enable_grad():
-            leaf = h.detach().requires_grad_(True)
-            (value,) = fn(leaf, *rest)
-            (grad,) = torch.autograd.grad(value.sum(), leaf)
+    def forward(ctx, fn, closed, h, *rest):
+        if closed is not None:
+            value, grad = closed(h.detach(), *rest)
+        else:
+            with torch.enable_grad():
+                leaf = h.detach().requires_grad_(True)
+                (value,) = fn(leaf, *rest)
+                (grad,) = torch.autograd.grad(value.sum(), leaf)
         ctx.save_for_backward(grad)
         ctx.n_rest = len(rest)
         return value.detach()
@@ -130,16 +135,17 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream):
         (grad,) = ctx.saved_tensors
-        return None, upstream[:, None].to(grad.dtype) * grad, *([None] * ctx.n_rest)
+        return None, None, upstream[:, None].to(grad.dtype) * grad, *([None] * ctx.n_rest)
 
 
-def _runner(fn: Callable, args: tuple, single_output: bool) -> Callable:
+def _runner(fn: Callable, args: tuple, single_output: bool,
+            closed: Callable | None = None) -> Callable:
     """How to run one chunk so that backward never needs the chunk's [chunk, V] logits."""
     trainable = [_requires_grad(a) for a in args]
     if not torch.is_grad_enabled() or not any(trainable):
         return fn
     if single_output and trainable[0] and not any(trainable[1:]):
-        return lambda *a: (_GradInForward.apply(fn, *a),)
+        return lambda *a: (_GradInForward.apply(fn, closed, *a),)
     # the head (or a target) is trainable too: recompute the logits in backward instead
     return partial(checkpoint, fn, use_reentrant=False)
 
@@ -151,11 +157,12 @@ def _map_tokens(
     shared: tuple,
     chunk_size: int,
     single_output: bool = True,
+    closed: Callable | None = None,
 ) -> tuple[Tensor, ...]:
     """Apply ``fn(*token_chunks, *shared)`` to real tokens in chunks; scatter back to [B, T].
 
     ``fn`` returns a tuple of per-token tensors; ``single_output`` says it returns exactly one
-    (which allows the cheaper :class:`_GradInForward` path).
+    (which allows the cheaper :class:`_GradInForward` path, with ``closed`` as its closed form).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -170,7 +177,7 @@ def _map_tokens(
     with profile.phase("lm_head"):
         for start in range(0, flat[0].shape[0], chunk_size):
             args = (*(t[start : start + chunk_size] for t in flat), *shared)
-            pieces.append(_runner(fn, args, single_output)(*args))
+            pieces.append(_runner(fn, args, single_output, closed)(*args))
         if not pieces:  # every position padded: run once on nothing to learn output dtypes
             pieces.append(fn(*(t[:0] for t in flat), *shared))
     return tuple(_unflatten(torch.cat(parts), keep) for parts in zip(*pieces, strict=True))
@@ -381,9 +388,11 @@ def full_kl(
 
     Both models share the LM head (adapters and interventions leave it untouched); gradients
     flow only into the student side. Needs the reference's hidden states every step, which is
-    what :func:`topk_kl` avoids.
+    what :func:`topk_kl` avoids. With the head frozen the gradient comes in closed form
+    (:mod:`mmie.core.kl_grad`).
     """
     fn = partial(_full_kl_chunk, softcap=softcap)
     per_token = (student_hidden, ref_hidden.detach())
-    (out,) = _map_tokens(fn, mask, per_token, (lm_head_weight, bias), chunk_size)
+    (out,) = _map_tokens(fn, mask, per_token, (lm_head_weight, bias), chunk_size,
+                         closed=partial(full_kl_and_grad, softcap=softcap))
     return out

@@ -56,6 +56,9 @@ class EvalConfig:
         scoring (:mod:`mmie.core.head_precision`): bf16 keeps each row's largest logits, the
         scored labels and every sum fp32, so greedy continuations are the fp32 ones and
         log-probabilities move by under 0.004 nats; fp32 is the plain path, bit for bit.
+    engine: greedy decoding by mmie's loop where it applies (``auto``: the same tokens as
+        transformers' ``generate``, faster on CPU) or always by ``generate``
+        (``transformers``); see :class:`mmie.core.generation.GenerationSettings`.
     field: JSON field or column holding the text.
     strict: a metric that cannot be computed is an error instead of a recorded gap.
     """
@@ -93,6 +96,7 @@ class EvalConfig:
     mink_k: float = 0.2
     fluency_tolerance: float = 1.0
     head_dtype: str = "fp32"
+    engine: str = "auto"
     field: str = "text"
     strict: bool = False
 
@@ -147,7 +151,7 @@ class EvalConfig:
         return GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                   temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                                   repetition_penalty=self.repetition_penalty,
-                                  max_prompt_tokens=self.max_length)
+                                  max_prompt_tokens=self.max_length, engine=self.engine)
 
     def to_dict(self) -> dict:
         return asdict(self)

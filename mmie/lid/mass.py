@@ -169,21 +169,33 @@ class MassScores:
     mass: tuple[float | None, ...]
 
 
+def _membership(id_sets: list[torch.Tensor], vocab: int, device) -> torch.Tensor:
+    """``[V, K]`` float 0/1: column k marks the ids of set k."""
+    member = torch.zeros((vocab, len(id_sets)), device=device)
+    for k, ids in enumerate(id_sets):
+        member[ids.to(device), k] = 1.0
+    return member
+
+
 def _position_masses(hidden: torch.Tensor, lm, id_sets: list[torch.Tensor],
                      chunk: int) -> torch.Tensor:
     """``[P, K]`` probability mass on each of the K id sets, ``chunk`` positions at a time:
-    a log-softmax over the vocabulary, then a logsumexp over each subset."""
+    the unnormalised probabilities ``exp(logit - max)`` in place in the logit buffer, then one
+    ``[chunk, V] x [V, K]`` product with the sets' 0/1 membership, over their sum. Every
+    position's distribution is read twice (the max, the exponential), not once per set."""
     from mmie.core.head_precision import LogitBuffer
     from mmie.core.models import lm_head, unwrap
 
     softcap = getattr(unwrap(lm.model).config.get_text_config(), "final_logit_softcapping", None)
     logits_of = LogitBuffer(lm_head(lm.model), softcap)  # one buffer for every chunk
-    out = [torch.empty(0, len(id_sets))]
+    out, member = [torch.empty(0, len(id_sets))], None
     for start in range(0, hidden.shape[0], chunk):
         # under head_precision("bf16"): bf16 product, each row's largest logits exact
         logits = logits_of(hidden[start:start + chunk])
-        logp = logits.log_softmax(-1)
-        out.append(torch.stack([subset_log_mass(logp, ids) for ids in id_sets], -1).exp().cpu())
+        if member is None:
+            member = _membership(id_sets, logits.shape[-1], logits.device)
+        probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        out.append((probs @ member / probs.sum(-1, keepdim=True)).cpu())
     return torch.cat(out)
 
 

@@ -1,0 +1,126 @@
+"""`mmie evaluate` on the default model: the #17 code path against today's, in one run.
+
+Both runs are the `mmie evaluate` command a user types, on the demo's test split of
+``data/sample`` (lines 161 on of each line-aligned file; 60 prompts per set; Hindi, English,
+Urdu, Punjabi, Bengali, romanized Hindi, code-mixed and adversarial sets; membership inference
+against lines 1-130), with no reference cache (``MMIE_CACHE=0``: every pass computed):
+
+- **before**: ``--engine transformers --batch-size 16 --head-dtype fp32`` with the system's
+  allocator (``MMIE_MALLOC=system``): transformers' ``generate`` 16 prompts at a time and an
+  fp32 LM head, as ``evaluate`` ran when #17 was filed (its z-scores on every perplexity pass
+  are gone from the code and not re-created, so "before" is if anything faster than then);
+- **after**: the defaults (mmie's greedy loop, 64 prompts per batch, freed memory reused) with
+  ``--head-dtype bf16``, as ``make demo`` runs it.
+
+Reported: each run's wall time (and its profile phases) and the ratio; how many continuations
+are token-identical; the largest difference of any manifest metric and the metrics that moved by
+more than 1e-3, each with its value in both runs. Needs the converted default model.
+
+    python bench/bench_evaluate_default.py        # about 9 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+RUNS = {
+    "before": (["--engine", "transformers", "--batch-size", "16", "--head-dtype", "fp32"],
+               {"MMIE_MALLOC": "system"}),
+    "after": (["--head-dtype", "bf16"], {}),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-prompts", type=int, default=60)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def split(root: Path) -> dict[str, Path]:
+    """The demo's train (1-130) and test (161-) lines of each sample file."""
+    out = {}
+    for name in ("hi", "en", "ur", "pa", "bn", "hi_latn"):
+        lines = (SAMPLE / f"{name}.jsonl").read_text(encoding="utf-8").splitlines(True)
+        for part, rows in (("train", lines[:130]), ("test", lines[160:])):
+            out[f"{name}.{part}"] = root / f"{name}.{part}.jsonl"
+            out[f"{name}.{part}"].write_text("".join(rows), encoding="utf-8")
+    return out
+
+
+def command(files: dict[str, Path], n_prompts: int, out: Path, extra: list[str]) -> list[str]:
+    xlang = [a for lang in ("ur", "pa", "bn")
+             for a in ("--xlang", f"{lang}={files[lang + '.test']}")]
+    return [sys.executable, "-m", "mmie", "--quiet", "evaluate", "--model", "default",
+            "--forget", str(files["hi.test"]), "--forget-train", str(files["hi.train"]),
+            "--retain", str(files["en.test"]), *xlang, "--romanized", str(files["hi_latn.test"]),
+            "--mixed", str(SAMPLE / "hi_en_mixed.jsonl"),
+            "--adversarial", str(SAMPLE / "adversarial_hi.jsonl"), "--arm", "base",
+            "--n-prompts", str(n_prompts), "--out", str(out), "--force", *extra]
+
+
+def evaluate(files: dict[str, Path], n_prompts: int, out: Path, name: str) -> dict:
+    extra, env = RUNS[name]
+    start = time.perf_counter()
+    subprocess.run(command(files, n_prompts, out, extra), check=True,
+                   env={**os.environ, "MMIE_CACHE": "0", "MMIE_PROFILE": "1", **env})
+    seconds = time.perf_counter() - start
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return {"seconds": seconds, "metrics": manifest["metrics"], "samples": samples}
+
+
+def compare(before: dict, after: dict) -> dict:
+    same = sum(a["text"] == b["text"] for a, b in zip(before["samples"], after["samples"],
+                                                        strict=True))
+    moved, largest = {}, 0.0
+    for name, m in before["metrics"].items():
+        a, b = m.get("value") if isinstance(m, dict) else None, \
+            (after["metrics"].get(name) or {}).get("value")
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            largest = max(largest, abs(a - b))
+            if abs(a - b) > 1e-3:
+                moved[name] = [a, b]
+    return {"continuations_identical": f"{same}/{len(before['samples'])}",
+            "largest_metric_difference": largest, "metrics_moved_over_1e-3": moved}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = split(Path(tmp))
+        got = {name: evaluate(files, args.n_prompts, Path(tmp) / name, name) for name in RUNS}
+    result = {"model": "default (Gemma 3 270M)", "n_prompts": args.n_prompts,
+              "before_s": got["before"]["seconds"], "after_s": got["after"]["seconds"],
+              "ratio": got["before"]["seconds"] / got["after"]["seconds"],
+              **compare(got["before"], got["after"]),
+              "profile_before": got["before"]["metrics"].get("profile"),
+              "profile_after": got["after"]["metrics"].get("profile")}
+    print(json.dumps(result, indent=2) if args.json else _table(result))
+    return result
+
+
+def _table(result: dict) -> str:
+    rows = []
+    for key, value in result.items():
+        if key.startswith("profile"):
+            phases = {k.split("/", 1)[-1]: round(v["seconds"], 1)
+                      for k, v in (value or {}).get("phases", {}).items() if k.count("/") == 1}
+            rows.append(f"{key:>26}: {phases}")
+        else:
+            rows.append(f"{key:>26}: {value:.4g}" if isinstance(value, float)
+                        else f"{key:>26}: {value}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
