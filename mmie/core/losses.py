@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmie.core import profile
 from mmie.core.head_precision import fast_logits, fast_weight
-from mmie.core.kl_grad import full_kl_and_grad
+from mmie.core.kl_grad import full_kl_and_grad, label_logprob_and_grad
 
 # 128 tokens x 262,144 ids x 4 bytes = 128 MiB per chunk: large enough for efficient matmuls,
 # small enough to leave room for the model on a laptop.
@@ -210,7 +210,8 @@ def token_logprobs(
     Differentiable with respect to ``hidden``, ``lm_head_weight`` and ``bias``.
     """
     fn = partial(_label_logprob_chunk, softcap=softcap)
-    (out,) = _map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size)
+    (out,) = _map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size,
+                         closed=partial(label_logprob_and_grad, softcap=softcap))
     return out
 
 
