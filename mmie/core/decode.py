@@ -4,7 +4,7 @@ For Gemma 3's 262,144-id vocabulary a decode step's logits are a ``[batch, 26214
 ``model.generate`` makes several fresh copies of it per step (the head's output, its fp32 copy,
 the repetition penalty's padded copy and its scatter). On CPU each fresh tensor of that size is
 new memory from the operating system, paid in page faults, so on the default model at batch 64
-those copies cost as much as the model's matmuls (``bench/bench_generation.py``). This loop
+those copies cost as much as the model's matmuls (``bench/bench_decode.py``). This loop
 computes the same greedy choice in two buffers reused across steps and batches:
 
 1. the decoder body on the new token (KV cache as ``generate`` keeps it, positions counted

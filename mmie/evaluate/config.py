@@ -39,7 +39,7 @@ class EvalConfig:
     max_new_tokens, batch_size, temperature, top_p, seed: generation (greedy unless a
         temperature is given); seed also seeds the probe folds. batch_size (64) also batches
         the scoring passes; on CPU 64 prompts per batch decode about 2x faster per prompt than
-        16 (the body's matmuls fill the cores; ``bench/bench_generation.py``), same tokens.
+        16 (the body's matmuls fill the cores; ``bench/bench_decode.py``), same tokens.
     repetition_penalty: 1.2 by default: greedy continuations of small models otherwise loop
         (Gemma 3 270M: 13 of 16 Hindi continuations of 48 tokens), and a loop counts as
         degenerate, not as a language, so the base rates would say little. Recorded in
