@@ -78,7 +78,7 @@ def greedy(lm: LoadedModel, ids: Tensor, mask: Tensor, *, max_new_tokens: int,
 
     Returns ``(new [B, steps], logprobs [B, steps] or None)``: the tokens chosen at every step
     (padding after a row's stop token) and, with ``record``, each chosen token's log p under
-    the raw logits (before the penalty), as :class:`mmie.core.generation._ChosenLogprobs`
+    the raw logits (before the penalty), as :class:`mmie.core.logprob_recorder.ChosenLogprobs`
     records it. Stops after ``max_new_tokens`` or when every row has emitted a stop token.
     """
     softcap = getattr(unwrap(lm.model).config.get_text_config(), "final_logit_softcapping", None)

@@ -40,6 +40,7 @@ from torch import Tensor
 from mmie.core import decode, profile
 from mmie.core.distributed import World
 from mmie.core.head_precision import LogitBuffer, fast_head
+from mmie.core.logprob_recorder import ChosenLogprobs, processors
 from mmie.core.models import LoadedModel, get_decoder, input_device, lm_head, unwrap
 from mmie.core.progress import SILENT, Progress
 from mmie.core.sharded import length_batches, map_batches
@@ -162,7 +163,7 @@ def generation_config(lm: LoadedModel, settings: GenerationSettings):
     from transformers import GenerationConfig
 
     decoding = dict(_NEUTRAL, do_sample=settings.sampling, num_beams=1)
-    if not settings.record_logprobs:  # else a custom processor applies it (see _processors)
+    if not settings.record_logprobs:  # else a custom processor applies it (logprob_recorder)
         decoding["repetition_penalty"] = settings.repetition_penalty
     if settings.sampling:
         decoding.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
@@ -214,46 +215,6 @@ def _own_rng(settings: GenerationSettings, device: torch.device) -> Iterator[Non
         yield
 
 
-class _ChosenLogprobs:
-    """A logits processor recording the model's own log p of every token ``generate`` picks.
-
-    Custom processors run after transformers' built-in ones, so this one is given no built-in
-    processor that changes scores (greedy, repetition penalty passed as a later custom
-    processor) and sees the raw logits. The chosen token is only known at the next step (it is
-    the last of ``input_ids``), so one step's log-softmax is held until then; :meth:`finish`
-    takes the last step's choice from the output.
-    """
-
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-
-    def _take(self, chosen: torch.Tensor) -> None:
-        if self.pending is not None:
-            picked = self.pending.gather(-1, chosen[:, None].to(self.pending.device))[:, 0]
-            self.steps.append(picked.cpu())
-            self.pending = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._take(input_ids[:, -1])
-        self.pending = scores.float().log_softmax(-1)
-        return scores
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        self._take(sequences[:, -1])
-        return torch.stack(self.steps, 1)
-
-
-def _processors(settings: GenerationSettings, recorder: _ChosenLogprobs | None) -> list:
-    from transformers import RepetitionPenaltyLogitsProcessor
-
-    if recorder is None:
-        return []
-    # the penalty goes after the recorder, which must see the raw logits
-    penalty = settings.repetition_penalty
-    return [recorder] + ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else [])
-
-
 def _finish(lm: LoadedModel, prompt: list[int], new: list[int], stops: set[int],
             logprobs: list[float] | None) -> Generation:
     cut = next((i for i, tok in enumerate(new) if tok in stops), len(new))
@@ -290,10 +251,10 @@ def _generate_batch(lm: LoadedModel, rows: list[list[int]], config,
     padded = rows + [rows[-1]] * (fill_to - len(rows))  # fixed shapes for a compiled step
     ids, mask = left_pad(padded, lm.tokenizer.pad_token_id)
     device = input_device(lm.model)
-    recorder = _ChosenLogprobs() if settings.record_logprobs else None
+    recorder = ChosenLogprobs() if settings.record_logprobs else None
     out = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                             generation_config=config,
-                            logits_processor=_processors(settings, recorder))
+                            logits_processor=processors(settings.repetition_penalty, recorder))
     new = out[:len(rows), ids.shape[1]:].tolist()
     logps = (recorder.finish(out)[:len(rows)].tolist() if recorder is not None
              else [None] * len(rows))
