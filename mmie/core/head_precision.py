@@ -83,9 +83,9 @@ def fast_logits(h: Tensor, weight: Tensor, fast: Tensor, also: Tensor | None,
     gets a margin of :data:`EXACT_TOP` more, so that rounding cannot swap an id in or out of
     the top ``top``."""
     logits = (h.to(fast.dtype) @ fast.T).float()
-    logits = _exact_at(logits, h, weight, _top_ids(logits.detach(), top))
+    logits = exact_at(logits, h, weight, _top_ids(logits.detach(), top))
     # a second scatter, not one over both id sets: an id in both would get its gradient twice
-    return logits if also is None else _exact_at(logits, h, weight, also.to(torch.long))
+    return logits if also is None else exact_at(logits, h, weight, also.to(torch.long))
 
 
 def fast_logits_into(h: Tensor, weight: Tensor, fast: Tensor, low: Tensor, out: Tensor,
@@ -95,14 +95,32 @@ def fast_logits_into(h: Tensor, weight: Tensor, fast: Tensor, low: Tensor, out: 
     every fresh tensor of a 262k vocabulary's size is paid in page faults. Same values."""
     torch.mm(h.to(fast.dtype), fast.T, out=low)
     out.copy_(low)
-    return _exact_at(out, h, weight, _top_ids(out, top))
+    return exact_at(out, h, weight, _top_ids(out, top))
+
+
+def head_product(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                 also: Tensor | None = None, top: int = 0) -> Tensor:
+    """Logits of hidden rows ``h`` through a head given as tensors (``weight``, ``bias``), as the
+    chunked losses (:mod:`mmie.core.losses`) compute them: fp32 at least, then the soft-cap.
+    ``also``: ids each row reads ([rows, k]), ``top``: how many of its largest logits it
+    reads; under a reduced precision those are computed exactly (:func:`fast_logits`)."""
+    fast = fast_weight(weight)
+    logits = h.to(weight.dtype) @ weight.T if fast is None else \
+        fast_logits(h, weight, fast, also, top)
+    if bias is not None:
+        logits = logits + bias
+    # fp32 at least (fp64 stays fp64, which the exact tests rely on)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def _top_ids(logits: Tensor, top: int) -> Tensor:
     return logits.topk(min(top + EXACT_TOP, logits.shape[-1]), dim=-1).indices
 
 
-def _exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+def exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     exact = torch.einsum("nd,nkd->nk", h.float(), weight[idx].float())
     # in place: ``logits`` is this call's own fresh fp32 copy (autograd allows it), and a
     # [rows, vocab] copy costs as much as the logsumexp
@@ -163,7 +181,7 @@ class LogitBuffer:
             fast_logits_into(h, weight, fast, self._buffer("low", h.shape[0], fast.dtype),
                              out)
             if also is not None:
-                _exact_at(out, h, weight, also.to(torch.long))
+                exact_at(out, h, weight, also.to(torch.long))
         return out.div_(self.softcap).tanh_().mul_(self.softcap) if self.softcap else out
 
 

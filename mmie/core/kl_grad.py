@@ -24,11 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmie.core.head_precision import EXACT_TOP, fast_logits, fast_weight
-
-
-def _exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> None:
-    logits.scatter_(-1, idx, torch.einsum("nd,nkd->nk", h.float(), weight[idx].float()))
+from mmie.core.head_precision import EXACT_TOP, exact_at, fast_weight, head_product
 
 
 def _student_logits(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor | None,
@@ -44,25 +40,15 @@ def _student_logits(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor
     else:
         logits = (h.to(fast.dtype) @ fast.T).float()
         top = logits.topk(min(EXACT_TOP, logits.shape[-1]), dim=-1).indices
-        _exact_at(logits, h, weight, top)
+        exact_at(logits, h, weight, top)
         once = torch.ones_like(top, dtype=torch.float32)
         if also is not None:
-            _exact_at(logits, h, weight, also)
+            exact_at(logits, h, weight, also)
             once = torch.cat([once.masked_fill((top[:, :, None] == also[:, None]).any(-1), 0),
                               torch.ones_like(also, dtype=torch.float32)], -1)
             top = torch.cat([top, also], -1)
         split = (top, once)
     return (logits if bias is None else logits + bias), split
-
-
-def _reference_logits(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor | None,
-                      softcap: float | None) -> Tensor:
-    logits = h.to(weight.dtype) @ weight.T if fast is None else \
-        fast_logits(h, weight, fast, None, 0)
-    if bias is not None:
-        logits = logits + bias
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
 
 
 def _through_head(grad_logits: Tensor, weight: Tensor, fast: Tensor | None,
@@ -87,7 +73,7 @@ def full_kl_and_grad(h: Tensor, ref_h: Tensor, weight: Tensor, bias: Tensor | No
     if softcap is not None:
         logits = softcap * torch.tanh(logits.div_(softcap))
     student = logits.log_softmax(-1)
-    ref = _reference_logits(ref_h, weight, bias, fast, softcap).log_softmax(-1)
+    ref = head_product(ref_h, weight, bias, softcap).log_softmax(-1)
     p_ref = ref.exp()
     value = torch.linalg.vecdot(p_ref, ref.sub_(student))
     del ref

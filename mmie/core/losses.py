@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mmie.core import profile
-from mmie.core.head_precision import fast_logits, fast_weight
+from mmie.core.head_precision import head_product
 from mmie.core.kl_grad import full_kl_and_grad, label_logprob_and_grad
 
 # 128 tokens x 262,144 ids x 4 bytes = 128 MiB per chunk: large enough for efficient matmuls,
@@ -77,22 +77,6 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if count == 0:
         raise ValueError("mask selects no tokens: every position is padding")
     return (values * mask).sum() / count
-
-
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-            also: Tensor | None = None, top: int = 0) -> Tensor:
-    """``also``: ids each row reads ([rows, k]), ``top``: how many of its largest logits it
-    reads; a reduced-precision head computes those exactly (:mod:`mmie.core.head_precision`)."""
-    fast = fast_weight(weight)
-    logits = h.to(weight.dtype) @ weight.T if fast is None else \
-        fast_logits(h, weight, fast, also, top)
-    if bias is not None:
-        logits = logits + bias
-    # fp32 at least (fp64 stays fp64, which the exact tests rely on)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
 
 
 def _complement_logsumexp(logits: Tensor, idx: Tensor) -> Tensor:
@@ -189,7 +173,7 @@ def _unflatten(values: Tensor, keep: Tensor) -> Tensor:
 
 
 def _label_logprob_chunk(h, labels, weight, bias, softcap):
-    logits = _logits(h, weight, bias, softcap, labels[:, None])
+    logits = head_product(h, weight, bias, softcap, labels[:, None])
     picked = logits.gather(-1, labels[:, None])[:, 0]
     return (picked - logits.logsumexp(-1),)
 
@@ -216,7 +200,7 @@ def token_logprobs(
 
 
 def _subset_and_label_chunk(h, labels, weight, bias, softcap, ids):
-    logits = _logits(h, weight, bias, softcap, labels[:, None])
+    logits = head_product(h, weight, bias, softcap, labels[:, None])
     lse = logits.logsumexp(-1)
     picked = logits.gather(-1, labels[:, None])[:, 0]
     return picked - lse, logits.index_select(-1, ids).logsumexp(-1) - lse
@@ -288,7 +272,7 @@ def sequence_nll(
 
 
 def _ref_topk_chunk(h, weight, bias, softcap, k):
-    logits = _logits(h, weight, bias, softcap, top=k)
+    logits = head_product(h, weight, bias, softcap, top=k)
     lse = logits.logsumexp(-1, keepdim=True)
     values, idx = logits.topk(k, dim=-1)
     tail = _complement_logsumexp(logits, idx) - lse[:, 0]
@@ -322,7 +306,7 @@ def ref_topk(
 
 
 def _topk_kl_chunk(h, idx, ref_logp, ref_tail, weight, bias, softcap):
-    logits = _logits(h, weight, bias, softcap, idx)
+    logits = head_product(h, weight, bias, softcap, idx)
     lse = logits.logsumexp(-1, keepdim=True)
     student_logp = logits.gather(-1, idx) - lse
     p_ref = ref_logp.exp()
@@ -369,9 +353,9 @@ def topk_kl(
 
 
 def _full_kl_chunk(h, ref_h, weight, bias, softcap):
-    student = _logits(h, weight, bias, softcap).log_softmax(-1)
+    student = head_product(h, weight, bias, softcap).log_softmax(-1)
     with torch.no_grad():
-        ref = _logits(ref_h, weight, bias, softcap).log_softmax(-1)
+        ref = head_product(ref_h, weight, bias, softcap).log_softmax(-1)
     return (F.kl_div(student, ref, reduction="none", log_target=True).sum(-1),)
 
 
