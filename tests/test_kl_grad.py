@@ -96,7 +96,15 @@ def test_label_logprob_closed_form_follows_the_head_precision(precision):
         value, grad = label_logprob_and_grad(h, labels, weight, None, None)
         want_value, want_grad = _autograd_logprob(h, labels, weight, None, None)
     torch.testing.assert_close(value, want_value, rtol=0, atol=0)  # the same logits
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    if precision == "fp32":
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+        return
+    # both round the tail's probabilities to bf16 before the product (the closed form rounds
+    # them unnormalised, exp(z - max z)): as far from the exact gradient, not bit-equal
+    truth = _autograd_logprob(h.double(), labels, weight.double(), None, None)[1]
+    err, err_autograd = ((g.double() - truth).abs().max() for g in (grad, want_grad))
+    assert 0 < err <= 1.5 * err_autograd
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=2 * float(err_autograd))
 
 
 def test_token_logprobs_take_the_closed_form(monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmie.core import losses
+from mmie.core import kl_stats, losses
 from mmie.unlearn.objectives import (
     Needs,
     ObjectiveInputs,
@@ -214,6 +214,9 @@ def test_kl_retain_topk_and_exact():
     approx = topk(RetainInputs(**base, ref_targets=targets))
     full = exact(RetainInputs(**base, ref_hidden=ref_hidden))
     assert full.item() > 0
+    summary = kl_stats.ref_kl_stats(ref_hidden, weight, mask)  # the reference, computed once
+    assert exact(RetainInputs(**base, ref_stats=summary)).item() == pytest.approx(
+        full.item(), rel=1e-9)
     assert approx.item() == pytest.approx(full.item(), rel=1e-9)  # k = V: exact
     same = topk(RetainInputs(**{**base, "hidden": ref_hidden}, ref_targets=targets))
     assert same.item() == pytest.approx(0.0, abs=1e-12)

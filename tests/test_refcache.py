@@ -130,3 +130,28 @@ def test_key_changes_with_rows_starts_and_settings():
         assert base != key("retain_topk", [[1, 2, 3]], None, {"batch_size": 2})
     with loaded(ModelSpec(name="tiny:qwen2", device="cpu")) as other:
         assert base != refcache.key(other, "forget", [[1, 2, 3]], None, {"batch_size": 2})
+
+
+def test_exact_kl_reads_the_cached_reference_summary(tmp_path, cache_on, passes, monkeypatch):
+    """Exact KL through a linear head: the reference is summarised once (and cached); no step
+    runs the reference model, and training matches the per-step reference forward's."""
+    import mmie.core.kl_stats as kl_stats
+    import mmie.unlearn.train as unlearn_train
+
+    steps, real = [], unlearn_train.forward
+    monkeypatch.setattr(unlearn_train, "forward",
+                        lambda *a, **k: steps.append(1) or real(*a, **k))
+    c = _config(tmp_path, retain_loss="kl", retain_options=(("exact", "true"),))
+    first = run(c, tmp_path / "a")
+    assert "retain_klstats" in {p.name.split("-")[0] for p in cache_on.iterdir()}
+    assert len(steps) == 2 * c.steps  # forget and retain batches only
+    computed = len(passes)
+    second = run(c, tmp_path / "b")
+    assert len(passes) == computed and second.metrics["reference_cache"]["rows_computed"] == 0
+    a, b = _weights(first.path), _weights(second.path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(kl_stats, "applies", lambda lm: False)  # as under a soft-capped head
+    steps.clear()
+    per_step = _weights(run(c, tmp_path / "c").path)
+    assert len(steps) == 3 * c.steps  # a reference forward of the retain batch every step
+    assert all(torch.allclose(a[k], per_step[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -134,7 +134,7 @@ def _runner(fn: Callable, args: tuple, single_output: bool,
     return partial(checkpoint, fn, use_reentrant=False)
 
 
-def _map_tokens(
+def map_tokens(
     fn: Callable[..., tuple[Tensor, ...]],
     mask: Tensor | None,
     per_token: tuple[Tensor, ...],
@@ -194,7 +194,7 @@ def token_logprobs(
     Differentiable with respect to ``hidden``, ``lm_head_weight`` and ``bias``.
     """
     fn = partial(_label_logprob_chunk, softcap=softcap)
-    (out,) = _map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size,
+    (out,) = map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size,
                          closed=partial(label_logprob_and_grad, softcap=softcap))
     return out
 
@@ -222,7 +222,7 @@ def logprobs_and_subset_mass(
     over the vocabulary per chunk (e.g. the mass on a script's tokens); not differentiable."""
     ids = ids.to(lm_head_weight.device, torch.long)
     fn = partial(_subset_and_label_chunk, softcap=softcap, ids=ids)
-    return _map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size,
+    return map_tokens(fn, mask, (hidden, labels), (lm_head_weight, bias), chunk_size,
                        single_output=False)
 
 
@@ -302,7 +302,7 @@ def ref_topk(
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got {k}")
     fn = partial(_ref_topk_chunk, softcap=softcap, k=k)
     shared = (lm_head_weight, bias)
-    return _map_tokens(fn, mask, (ref_hidden,), shared, chunk_size, single_output=False)
+    return map_tokens(fn, mask, (ref_hidden,), shared, chunk_size, single_output=False)
 
 
 def _topk_kl_chunk(h, idx, ref_logp, ref_tail, weight, bias, softcap):
@@ -348,7 +348,7 @@ def topk_kl(
     """
     fn = partial(_topk_kl_chunk, softcap=softcap)
     per_token = (student_hidden, ref_topk_idx, ref_topk_logp, ref_tail_logmass)
-    (out,) = _map_tokens(fn, mask, per_token, (lm_head_weight, bias), chunk_size)
+    (out,) = map_tokens(fn, mask, per_token, (lm_head_weight, bias), chunk_size)
     return out
 
 
@@ -378,6 +378,6 @@ def full_kl(
     """
     fn = partial(_full_kl_chunk, softcap=softcap)
     per_token = (student_hidden, ref_hidden.detach())
-    (out,) = _map_tokens(fn, mask, per_token, (lm_head_weight, bias), chunk_size,
+    (out,) = map_tokens(fn, mask, per_token, (lm_head_weight, bias), chunk_size,
                          closed=partial(full_kl_and_grad, softcap=softcap))
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mmie.core import losses
+from mmie.core import kl_stats, losses
 from mmie.core.activations import real_token_mask
 from mmie.core.distributed import World, shard
 from mmie.core.hooks import capture_blocks, run_until_stop
@@ -95,6 +95,8 @@ class References:
     forget_logp: dict[int, float] = field(default_factory=dict)     # summed log p, per text
     forget_tokens: dict[int, int] = field(default_factory=dict)      # predicted tokens, per text
     retain_topk: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    # exact KL's reference summary (m_r, m_fast, offset) per text (mmie.core.kl_stats)
+    retain_klstats: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     retain_acts: dict[int, Tensor] = field(default_factory=dict)     # [real tokens, d] per text
     alternative_logp: dict[int, float] = field(default_factory=dict)  # log p(alt | prompt)
     cache: dict = field(default_factory=dict)  # where they came from (mmie.unlearn.refcache)
@@ -138,33 +140,45 @@ def sequence_references(lm: LoadedModel, adapter: Adapter, rows: list[list[int]]
 @torch.no_grad()
 def retain_references(lm: LoadedModel, adapter: Adapter, rows: list[list[int]],
                       which: Sequence[int], refs: References, *, top_k: int | None,
-                      layer: int | None, batch_size: int, chunk_size: int) -> None:
-    """Top-k targets (``top_k``) and/or block-``layer`` activations for each listed example
-    that lacks them."""
+                      layer: int | None, batch_size: int, chunk_size: int,
+                      kl_summary: bool = False) -> None:
+    """Top-k targets (``top_k``), the exact KL's summary (``kl_summary``) and/or block-``layer``
+    activations for each listed example that lacks them."""
     head = losses.head_params(unwrap(lm.model))
     todo = [i for i in sorted(set(which))  # rows not filled yet (e.g. from the cache)
             if (top_k is not None and i not in refs.retain_topk)
+            or (kl_summary and i not in refs.retain_klstats)
             or (layer is not None and i not in refs.retain_acts)]
     for chunk in _chunks(todo, [len(r) for r in rows], batch_size):
         batch = collate(lm, [rows[i] for i in chunk])
         with adapter.reference():
-            out = forward(lm, batch, hidden=top_k is not None, layer=layer)
+            out = forward(lm, batch, hidden=top_k is not None or kl_summary, layer=layer)
+        mask = None if out.hidden is None else batch.label_mask.to(out.hidden.device)
         if top_k is not None:
-            mask = batch.label_mask.to(out.hidden.device)
             got = losses.ref_topk(out.hidden, k=top_k, mask=mask, chunk_size=chunk_size, **head)
-            for j, i in enumerate(chunk):
-                refs.retain_topk[i] = tuple(t[j][mask[j]].cpu() for t in got)
+            _per_row(refs.retain_topk, chunk, got, mask)
+        if kl_summary:
+            _per_row(refs.retain_klstats, chunk,
+                     kl_stats.ref_kl_stats(out.hidden, mask=mask, chunk_size=chunk_size, **head),
+                     mask)
         if layer is not None:
             for j, i in enumerate(chunk):
                 refs.retain_acts[i] = out.acts[j][batch.real[j].to(out.acts.device)].float().cpu()
 
 
-def gather_topk(refs: References, rows: Sequence[int], batch: Batch, device) -> tuple:
-    """The precomputed targets of ``rows`` laid out on the batch's label positions."""
-    parts = [refs.retain_topk[i] for i in rows]
+def _per_row(table: dict, chunk: list[int], got: tuple[Tensor, ...], mask: Tensor) -> None:
+    for j, i in enumerate(chunk):
+        table[i] = tuple(t[j][mask[j]].cpu() for t in got)
+
+
+def gather_targets(table: dict[int, tuple[Tensor, ...]], rows: Sequence[int], batch: Batch,
+                   device) -> tuple:
+    """Per-token targets precomputed for ``rows`` (``table``: e.g. ``refs.retain_topk``) laid
+    out on the batch's label positions."""
+    parts = [table[i] for i in rows]
     mask = batch.label_mask
     out = []
-    for j in range(3):
+    for j in range(len(parts[0])):
         pieces = torch.cat([p[j] for p in parts])
         full = pieces.new_zeros((*mask.shape, *pieces.shape[1:]))
         full[mask] = pieces

@@ -1,8 +1,9 @@
 """The frozen model's reference outputs, computed once and shared by every arm and seed.
 
 What `unlearn` computes before its first step (:mod:`mmie.unlearn.data`: forget and alternative
-sequence log-likelihoods, retain top-k targets, retain block activations) depends only on the
-base model, the token rows and a few settings, never on the method, objective or seed. So each
+sequence log-likelihoods, retain top-k targets, the exact KL's reference summary, retain block
+activations) depends only on the base model, the token rows and a few settings, never on the
+method, objective or seed. So each
 kind is stored under ``$MMIE_HOME/cache/references/`` in one safetensors file per key, where the
 key hashes the model's fingerprint and load settings (device, dtype, attention), the torch
 version, *every* token row of the set (and its scored-span starts) and the settings that change
@@ -45,14 +46,15 @@ def key(lm: LoadedModel, kind: str, rows, starts, settings: dict) -> str:
 
 # --- References fields <-> tensors ------------------------------------------------------------
 
-_FLOAT, _INT, _TRIPLE, _TENSOR = "float", "int", "triple", "tensor"
+_FLOAT, _INT, _TUPLE, _TENSOR = "float", "int", "tuple", "tensor"
 FIELDS = {"forget_logp": _FLOAT, "forget_tokens": _INT, "alternative_logp": _FLOAT,
-          "retain_topk": _TRIPLE, "retain_acts": _TENSOR}
+          "retain_topk": _TUPLE, "retain_klstats": _TUPLE, "retain_acts": _TENSOR}
+ARITY = {"retain_topk": 3, "retain_klstats": 3}  # tensors per row of a _TUPLE field
 
 
 def _encode(name: str, i: int, value) -> dict[str, torch.Tensor]:
     how = FIELDS[name]
-    if how == _TRIPLE:
+    if how == _TUPLE:
         return {f"{name}.{i}.{j}": t for j, t in enumerate(value)}
     if how == _TENSOR:
         return {f"{name}.{i}": value}
@@ -66,13 +68,13 @@ def _decode(name: str, tensors: dict[str, torch.Tensor]) -> dict[int, object]:
         field_name, i, *part = tensor_name.split(".")
         if field_name != name:
             continue
-        if how == _TRIPLE:
+        if how == _TUPLE:
             parts.setdefault(int(i), {})[int(part[0])] = t
         else:
             out[int(i)] = t if how == _TENSOR else (float(t) if how == _FLOAT else int(t))
     for i, got in parts.items():
-        if sorted(got) == [0, 1, 2]:  # a partial triple is a miss
-            out[i] = (got[0], got[1], got[2])
+        if sorted(got) == list(range(ARITY[name])):  # a partial tuple is a miss
+            out[i] = tuple(got[j] for j in range(ARITY[name]))
     return out
 
 
@@ -118,7 +120,8 @@ class ReferenceCache:
 
 
 def for_run(lm: LoadedModel, forget, forget_starts, alternative, alternative_starts,
-            retain, *, top_k: int | None, layer: int | None, settings: dict) -> ReferenceCache:
+            retain, *, top_k: int | None, layer: int | None, settings: dict,
+            kl_summary: bool = False) -> ReferenceCache:
     """The cache files of one run's reference targets (``settings``: batch and chunk size and
     anything else that changes the numbers)."""
     root = cache_dir()
@@ -133,19 +136,21 @@ def for_run(lm: LoadedModel, forget, forget_starts, alternative, alternative_sta
                              ("alternative_logp",), {}))
     if top_k is not None:
         entries.append(entry("retain_topk", retain, None, ("retain_topk",), {"top_k": top_k}))
+    if kl_summary:
+        entries.append(entry("retain_klstats", retain, None, ("retain_klstats",), {}))
     if layer is not None:
         entries.append(entry("retain_acts", retain, None, ("retain_acts",), {"layer": layer}))
     return ReferenceCache(entries)
 
 
 def start(lm: LoadedModel, rows, retain, refs: References, *, top_k: int | None,
-          layer: int | None, settings: dict) -> ReferenceCache | None:
+          layer: int | None, settings: dict, kl_summary: bool = False) -> ReferenceCache | None:
     """The run's cache with its stored rows already in ``refs`` (``rows``: the forget
     :class:`mmie.unlearn.pairs.Rows`); None when the cache is off."""
     if not enabled():
         return None
     cache = for_run(lm, rows.forget, rows.forget_starts, rows.alternative,
                     rows.alternative_starts, retain, top_k=top_k, layer=layer,
-                    settings=settings)
+                    settings=settings, kl_summary=kl_summary)
     cache.fill(refs)
     return cache

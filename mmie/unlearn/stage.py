@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from mmie.core import profile
+from mmie.core import kl_stats, profile
 from mmie.core.artifacts import Artifact, content_hash, load, save
 from mmie.core.data import pack_texts, read_texts
 from mmie.core.distributed import World, gather, main_writes, shard, world
@@ -205,13 +205,14 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
                 here: World) -> tuple[References, Schedule]:
     """This process's share of the batch schedule, and the reference targets of exactly the
     examples that share visits."""
-    needs, rl, refs = plan.objective.needs, plan.retain_loss, References()
+    needs, rl, refs, forget = plan.objective.needs, plan.retain_loss, References(), rows.forget
     kw = dict(batch_size=c.batch_size, chunk_size=c.chunk_size)
-    forget = rows.forget
     top_k = rl.config.top_k if needs.retain_loss and rl.needs_reference_targets else None
-    cache = refcache.start(lm, rows, [r for s in sets for r in s], refs, top_k=top_k, layer=(
-        plan.act_layer if needs.reference_activations else None), settings={
-        **kw, "head_dtype": c.head_dtype})
+    # the exact KL's reference, summarised once where the head allows (mmie.core.kl_stats)
+    summary = needs.retain_loss and rl.needs_reference_hidden and kl_stats.applies(lm)
+    layer = plan.act_layer if needs.reference_activations else None
+    cache = refcache.start(lm, rows, [r for s in sets for r in s], refs, top_k=top_k, layer=layer,
+                           kl_summary=summary, settings={**kw, "head_dtype": c.head_dtype})
     order = _curriculum(lm, adapter, rows, refs, here, kw) if c.curriculum else None
     schedule = build_schedule(len(forget), [len(s) for s in sets], c.set_weights(), c.steps,
                               c.batch_size, c.seed, order).local(here)
@@ -221,10 +222,10 @@ def _references(c, lm, adapter, plan: Plan, rows: Rows, sets,
     if needs.reference_alternative:
         sequence_references(lm, adapter, rows.alternative, rows.alternative_starts, visited,
                             refs.alternative_logp, None, **kw)
-    if top_k is not None or needs.reference_activations:
-        retain = [row for s in sets for row in s]
-        retain_references(lm, adapter, retain, sum(schedule.retain, []), refs, top_k=top_k,
-                          layer=plan.act_layer if needs.reference_activations else None, **kw)
+    if top_k is not None or summary or layer is not None:
+        retain_references(lm, adapter, [row for s in sets for row in s],
+                          sum(schedule.retain, []), refs, top_k=top_k, kl_summary=summary,
+                          layer=layer, **kw)
     refs.cache = cache.store(refs) if cache is not None else {"used": False}
     return refs, schedule
 

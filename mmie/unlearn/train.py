@@ -14,8 +14,9 @@ Cost model (what each shortcut approximates):
 - **Top-k KL.** The retain KL is the KL between reference and model coarsened to the
   reference's k most likely tokens plus one tail bucket (:func:`mmie.core.losses.topk_kl`): never
   above the full KL, equal to it when the model's tail is proportional to the reference's.
-  ``retain_options`` ``exact=true`` restores the full-vocabulary KL (a reference forward every
-  step).
+  ``retain_options`` ``exact=true`` restores the full-vocabulary KL, from a per-token summary
+  of the reference computed once like the top-k targets (:mod:`mmie.core.kl_stats`; a
+  soft-capped head instead takes a reference forward every step).
 - **Activations only as deep as needed.** RMU and the gate loss read block outputs; a pass that
   needs no logits stops after the deepest block it reads.
 
@@ -60,7 +61,7 @@ from mmie.edits.adapters import Adapter
 from mmie.edits.reft import gate_terms
 from mmie.unlearn import fsdp as unlearn_fsdp
 from mmie.unlearn.checkpoint import kept_message, load_checkpoint, save_checkpoint
-from mmie.unlearn.data import Batch, Pass, References, Schedule, collate, forward, gather_topk
+from mmie.unlearn.data import Batch, Pass, References, Schedule, collate, forward, gather_targets
 from mmie.unlearn.objectives import Objective, ObjectiveInputs, RetainInputs, RetainLoss
 from mmie.unlearn.pairs import Rows
 
@@ -249,16 +250,19 @@ class Trainer:
 
     def _retain_loss(self, out: Pass, batch: Batch, rows: list[int]) -> Tensor:
         rl, device = self.plan.retain_loss, out.hidden.device
-        ref_hidden = None
-        if rl.needs_reference_hidden:  # exact KL: a reference forward every step
+        ref_hidden = summary = targets = None
+        if rl.needs_reference_hidden and self.refs.retain_klstats:  # exact KL, linear head
+            summary = gather_targets(self.refs.retain_klstats, rows, batch, device)
+        elif rl.needs_reference_hidden:  # exact KL, soft-capped head: a reference forward
             with torch.no_grad(), self.adapter.reference():
                 ref_hidden = forward(self.lm, batch, hidden=True, layer=None).hidden
-        targets = gather_topk(self.refs, rows, batch, device) if rl.needs_reference_targets \
-            else None
+        if rl.needs_reference_targets:
+            targets = gather_targets(self.refs.retain_topk, rows, batch, device)
         return rl(RetainInputs(
             hidden=out.hidden, labels=batch.labels.to(device), mask=batch.label_mask.to(device),
             lm_head_weight=self.head["lm_head_weight"], lm_head_bias=self.head["bias"],
-            softcap=self.head["softcap"], ref_targets=targets, ref_hidden=ref_hidden))
+            softcap=self.head["softcap"], ref_targets=targets, ref_hidden=ref_hidden,
+            ref_stats=summary))
 
     def _gate_loss(self, f: Pass, r: Pass, s: StepBatches, scales: dict[str, float]) -> Tensor:
         per_layer = []

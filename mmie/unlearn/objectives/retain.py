@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mmie.core import losses
+from mmie.core import kl_stats, losses
 from mmie.core.registry import Registry
 from mmie.unlearn.objectives.base import _build, _check_positive, _require
 
@@ -31,6 +31,9 @@ class RetainInputs:
     # (idx, logp, tail_logmass) from losses.ref_topk, computed once per retain example
     ref_targets: tuple[Tensor, Tensor, Tensor] | None = None
     ref_hidden: Tensor | None = None  # [B, T, d] reference final hidden states (exact KL)
+    # (m_r, m_fast, offset) from kl_stats.ref_kl_stats, computed once per retain example:
+    # the exact KL without ref_hidden (a head without soft-cap)
+    ref_stats: tuple[Tensor, Tensor, Tensor] | None = None
 
     def head(self) -> dict:
         return {"bias": self.lm_head_bias, "softcap": self.softcap}
@@ -42,7 +45,8 @@ class RetainLoss:
     name: ClassVar[str]
     config_class: ClassVar[type]
     needs_reference_targets: ClassVar[bool] = False  # inputs.ref_targets (losses.ref_topk)
-    needs_reference_hidden: ClassVar[bool] = False  # inputs.ref_hidden, every step
+    # inputs.ref_hidden every step, or inputs.ref_stats (computed once) through a linear head
+    needs_reference_hidden: ClassVar[bool] = False
 
     def __init__(self, config: object | None = None):
         self.config = self.config_class() if config is None else config
@@ -108,7 +112,8 @@ def _subsample(mask: Tensor, frac: float) -> Tensor:
 
 @dataclass(frozen=True)
 class KlConfig:
-    # True: exact full-vocabulary KL, needs the reference's hidden states every step
+    # True: exact full-vocabulary KL, from the reference's per-token summary (computed once;
+    # kl_stats) or, under a soft-capped head, its hidden states every step
     exact: bool = False
     top_k: int = 64  # reference ids kept per token by losses.ref_topk (when exact is False)
     chunk_size: int = losses.DEFAULT_CHUNK_SIZE  # tokens per vocabulary chunk
@@ -149,6 +154,9 @@ class KlRetain(RetainLoss):
 
     def _per_token(self, inputs: RetainInputs) -> Tensor:
         chunk = self.config.chunk_size
+        if self.config.exact and inputs.ref_stats is not None:
+            return kl_stats.stats_kl(inputs.hidden, inputs.lm_head_weight, inputs.ref_stats,
+                                     inputs.mask, chunk, **inputs.head())
         if self.config.exact:
             (ref,) = _require("kl (exact)", inputs, "ref_hidden")
             return losses.full_kl(
