@@ -2,8 +2,10 @@
 
 mmie's step (:class:`mmie.unlearn.train.Trainer`): log-probabilities from final hidden states
 through chunked LM-head matmuls (no ``[batch, tokens, vocab]`` tensor), NPO reference
-log-likelihoods and retain top-k KL targets precomputed once before training (timed
-separately, as "one-off": one reference pass per example the schedule visits).
+log-likelihoods and retain top-k KL targets (with ``--exact``, the exact KL's reference summary,
+:mod:`mmie.core.kl_stats`) precomputed once before training (timed separately, as "one-off":
+one reference pass per example the schedule visits; the reference cache is off, so it is
+computed here, not read back from an earlier run).
 
 Naive step: ``model(...).logits`` for the forget and retain batches, a reference forward of both
 every step (adapter disabled, no grad), and the full-vocabulary KL on retain tokens. Both run
@@ -12,7 +14,11 @@ ratio is meaningful on a noisy machine. ``speedup`` compares steps; ``speedup_wi
 adds the one-off reference pass spread over the steps it serves, which is the end-to-end gain
 of a run that visits every example once (more when examples repeat across epochs). After the
 timed steps both losses are computed on one batch: NPO and the forget NLL must agree to float
-rounding, and the top-k KL must not exceed the full KL (it is the KL of a coarser distribution).
+rounding, and the top-k KL must not exceed the full KL (it is the KL of a coarser distribution;
+with ``--exact`` the two are the same KL and differ by the head's rounding). Each step's time is
+listed too: the naive step's cost grows with the batch's padded ``tokens x vocabulary`` block,
+mmie's with its real tokens, so the ratio depends on the texts the steps draw (``--steps``
+changes which: the bench reads ``batch_size x (warmup + steps + 1)`` texts of each file).
 
 On a shared CPU, pass ``--threads 1``: OpenMP barriers between two threads that other
 processes keep preempting can make every small op take milliseconds.
