@@ -60,11 +60,18 @@ $(OUT)/lora-npo/%/manifest.json: $(LAYERS) $(SPLIT_DONE)
 
 # On-policy retain texts: each protected training prompt with the base model's own continuation
 # (kept when it is in that language), so the retain loss also covers what the model writes
-# after a sentence ends (README, "Selective forgetting").
-$(SPLIT)/%.cont.jsonl: $(SPLIT_DONE)
-	$(MMIE) data continue $(SPLIT)/$*.train.jsonl --lang $* $(COMMON) --head-dtype bf16 \
-	  --out $@ --force $(CONT_OPTS)
+# after a sentence ends (README, "Selective forgetting"). The validation splits' continuations
+# (for the language gate, below) come from the same call: one model load for every file, each
+# file continued as a call of its own would.
 CONT := $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).cont.jsonl)
+VAL_CONT := $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).val.cont.jsonl)
+$(SPLIT)/.cont.done: $(SPLIT_DONE)
+	$(MMIE) data continue $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).train.jsonl $(SPLIT)/$(l).val.jsonl) \
+	  $(foreach l,$(PROTECT_LANGS),--lang $(l) --lang $(l)) \
+	  $(foreach l,$(PROTECT_LANGS),--out $(SPLIT)/$(l).cont.jsonl --out $(SPLIT)/$(l).val.cont.jsonl) \
+	  $(COMMON) --head-dtype bf16 --force $(CONT_OPTS)
+	touch $@
+$(CONT) $(VAL_CONT): $(SPLIT)/.cont.done ;
 
 # The selective arm: LoRA trained to continue each Hindi prompt with its aligned English
 # sentence, KL to the frozen model on English and on the protected languages' continuations,
@@ -85,10 +92,6 @@ $(OUT)/lora-redirect/%/manifest.json: $(LAYERS) $(SPLIT_DONE) $(CONT)
 # Latin-script words (README, "A gated edit").
 GATE_LAYERS ?= 4 6 8
 LANGGATE_OPTS ?=
-$(SPLIT)/%.val.cont.jsonl: $(SPLIT_DONE)
-	$(MMIE) data continue $(SPLIT)/$*.val.jsonl --lang $* $(COMMON) --head-dtype bf16 \
-	  --out $@ --force $(CONT_OPTS)
-VAL_CONT := $(foreach l,$(PROTECT_LANGS),$(SPLIT)/$(l).val.cont.jsonl)
 $(OUT)/langgate/manifest.json: $(SPLIT_DONE) $(CONT) $(VAL_CONT)
 	$(MMIE) langgate $(COMMON) $(foreach l,$(GATE_LAYERS),--layer $(l)) --positive hi=$(SPLIT)/forget.train.jsonl \
 	  $(if $(ROMANIZED),--positive romanized=$(SPLIT)/romanized.train.jsonl) \

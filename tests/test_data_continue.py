@@ -136,3 +136,43 @@ def test_continuations_are_generated_as_evaluate_generates():
     default = {f.name: f.default for f in __import__("dataclasses").fields(EvalConfig)}
     assert settings.repetition_penalty == default["repetition_penalty"] == 1.2
     assert settings.max_new_tokens == 4 and _config("x.jsonl").max_new_tokens == 4
+
+
+def test_several_files_in_one_load_equal_one_run_each(tmp_path, labelled, monkeypatch):
+    a, b = write_jsonl(tmp_path / "a.jsonl", EN[:5]), write_jsonl(tmp_path / "b.jsonl", EN[5:])
+    loads, real = [], cont.loaded
+    monkeypatch.setattr(cont, "loaded", lambda spec: loads.append(1) or real(spec))
+    one = [cont.run(_config(src, keep_all=True), tmp_path / f"one-{src.name}")
+           for src in (a, b)]
+    assert len(loads) == 2
+    many = cont.run_many([(_config(src, keep_all=True), tmp_path / f"many-{src.name}")
+                          for src in (a, b)])
+    assert len(loads) == 3  # once for both files
+    for src, r1, r2 in zip((a, b), one, many, strict=True):
+        assert (tmp_path / f"one-{src.name}").read_bytes() == \
+            (tmp_path / f"many-{src.name}").read_bytes()
+        assert r1["counts"] == r2["counts"] and r1["input"] == r2["input"]
+
+
+def test_several_files_checks_before_loading(tmp_path, labelled):
+    src = write_jsonl(tmp_path / "en.jsonl", EN[:3])
+    same = tmp_path / "o.jsonl"
+    with pytest.raises(DataError, match="same --out"):
+        cont.run_many([(_config(src), same), (_config(src), same)])
+    with pytest.raises(ValueError, match="same model and head dtype"):
+        cont.run_many([(_config(src), tmp_path / "x.jsonl"),
+                       (_config(src, head_dtype="bf16"), tmp_path / "y.jsonl")])
+
+
+def test_cli_several_files(tmp_path, labelled):
+    a, b = write_jsonl(tmp_path / "a.jsonl", EN[:6]), write_jsonl(tmp_path / "b.jsonl", EN[6:])
+    base = ["data", "continue", str(a), str(b), "--lang", "en", "--model", "tiny:llama",
+            "--max-new-tokens", "4"]
+    outs = ["--out", str(tmp_path / "a.cont.jsonl"), "--out", str(tmp_path / "b.cont.jsonl")]
+    result = runner.invoke(app, [*base, *outs, "--json"])
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.stdout)
+    assert [r["counts"]["in"] for r in reports] == [6, 6]
+    assert [r["settings"]["lang"] for r in reports] == ["en", "en"]
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "c.jsonl")])
+    assert bad.exit_code == 2 and "once per file" in bad.output

@@ -67,11 +67,14 @@ def check(
 
 @data_app.command("continue")
 def continue_(
-    file: Annotated[str, typer.Argument(help="Text file whose texts are cut into prompts.")],
-    lang: Annotated[str, typer.Option(
-        "--lang", help="Keep continuations in this language (a LID label, e.g. bn).")],
-    out_path: Annotated[Path, typer.Option(
-        "--out", "-o", help="jsonl file to write; what made it goes to <out>.json.")],
+    files: Annotated[list[str], typer.Argument(
+        help="Text files whose texts are cut into prompts (several: one model load).")],
+    langs: Annotated[list[str], typer.Option(
+        "--lang", help="Keep continuations in this language (a LID label, e.g. bn); once, or "
+                       "once per file in order.")],
+    out_paths: Annotated[list[Path], typer.Option(
+        "--out", "-o", help="jsonl file to write, once per file in order; what made it goes "
+                            "to <out>.json.")],
     model: ModelOpt = "default",
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 48,
     repetition_penalty: Annotated[float, typer.Option(
@@ -100,21 +103,31 @@ def continue_(
     Bengali answers to English there. KL to the frozen model on the base model's own
     continuations of protected-language prompts puts those positions under the retain loss
     (default model: Bengali answers kept 52 of 57, was 28 of 57; Punjabi 54 of 58).
+    Several files are continued one after the other with the model loaded once, each exactly
+    as a call of its own would.
     """
-    from mmie.datacheck.continuations import ContinueConfig, run
+    from mmie.datacheck.continuations import ContinueConfig, run_many
 
-    def body() -> dict:
-        config = ContinueConfig(file, lang, model_spec(model, device, dtype),
-                                max_new_tokens=max_new_tokens,
-                                repetition_penalty=repetition_penalty, head_dtype=head_dtype,
-                                batch_size=batch_size, max_samples=max_samples, field=field,
-                                keep_all=keep_all)
-        return run(config, out_path, force=force, progress=progress())
+    if len(langs) not in (1, len(files)) or len(out_paths) != len(files):
+        raise fail(f"{len(files)} file(s): give --out once per file ({len(out_paths)} given) "
+                   f"and --lang once or once per file ({len(langs)} given)", 2)
 
-    report = run_guarded(body)
-    if json_out:
-        emit_json(report)
+    def body() -> list[dict]:
+        spec = model_spec(model, device, dtype)
+        configs = [ContinueConfig(f, lg, spec, max_new_tokens=max_new_tokens,
+                                  repetition_penalty=repetition_penalty, head_dtype=head_dtype,
+                                  batch_size=batch_size, max_samples=max_samples, field=field,
+                                  keep_all=keep_all)
+                   for f, lg in zip(files, langs * len(files) if len(langs) == 1 else langs,
+                                    strict=True)]
+        return run_many(list(zip(configs, out_paths, strict=True)), force=force,
+                        progress=progress())
+
+    reports = run_guarded(body)
+    if json_out:  # one file: its report, as before; several: the list
+        emit_json(reports[0] if len(reports) == 1 else reports)
         return
-    counts = report["counts"]
-    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items())
-    info(f"kept {counts['kept']} of {counts['in']} ({dropped} dropped) -> {out_path}")
+    for report, out_path in zip(reports, out_paths, strict=True):
+        counts = report["counts"]
+        dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items())
+        info(f"kept {counts['kept']} of {counts['in']} ({dropped} dropped) -> {out_path}")

@@ -116,18 +116,45 @@ def run(config: ContinueConfig, out: Path, force: bool = False,
         progress: Progress = SILENT) -> dict:
     """Continue every text's prompt, keep the ``lang`` ones, write ``out`` and its sidecar;
     returns the sidecar's content."""
-    out = Path(out)
-    _check_out(config, out, force)
-    texts = read_texts(config.input, config.field, limit=config.max_samples)
-    prompts = [split_prompt(t)[0] for t in texts]
-    with loaded(config.model) as lm, head_precision(config.head_dtype):
-        gens = generate(lm, prompts, config.generation(), progress=progress,
-                        desc="continue")
+    return run_many([(config, Path(out))], force, progress)[0]
+
+
+def run_many(jobs: Sequence[tuple[ContinueConfig, Path]], force: bool = False,
+             progress: Progress = SILENT) -> list[dict]:
+    """:func:`run` for each ``(config, out)``, the model loaded once: each file is continued
+    on its own (the same batches, so the same continuations as one run per file). The jobs
+    must share the model and head precision; every output is checked before the model loads."""
+    if not jobs:
+        raise ValueError("no file to continue")
+    first = jobs[0][0]
+    if any((c.model, c.head_dtype) != (first.model, first.head_dtype) for c, _ in jobs):
+        raise ValueError("every file must be continued by the same model and head dtype")
+    for config, out in jobs:
+        _check_out(config, Path(out), force)
+    if len({Path(out).resolve() for _, out in jobs}) < len(jobs):
+        raise DataError("two files would be written to the same --out")
+    prompts = [[split_prompt(t)[0] for t in read_texts(c.input, c.field, limit=c.max_samples)]
+               for c, _ in jobs]
+    with loaded(first.model) as lm, head_precision(first.head_dtype):
+        gens = [generate(lm, p, c.generation(), progress=progress,
+                         desc=f"continue {Path(c.input).name}")
+                for p, (c, _) in zip(prompts, jobs, strict=True)]
         identity = lm.identity.to_dict()
+    # every file's refusal (nothing in its language) comes before any file is written
+    done = [_kept(c, Path(out), p, g, identity)
+            for (c, out), p, g in zip(jobs, prompts, gens, strict=True)]
+    for (_, out), (kept, report) in zip(jobs, done, strict=True):
+        _write_out(Path(out), kept, report)
+    return [report for _, report in done]
+
+
+def _kept(config: ContinueConfig, out: Path, prompts: list[str], gens: list,
+          identity: dict) -> tuple[list[str], dict]:
+    """The lines to keep and the sidecar's content; DataError when none is in the language."""
     found = labels([g.text for g in gens])
     reasons = [None if config.keep_all else _drop_reason(label, config.lang) for label in found]
     if not any(r is None for r in reasons):
-        raise DataError(f"{config.input}: none of {len(texts)} continuations is in "
+        raise DataError(f"{config.input}: none of {len(prompts)} continuations is in "
                         f"'{config.lang}' (labels: {dict(Counter(found).most_common(5))})")
     # joined as evaluate and unlearn join a prompt and its rest (mmie.lid.mass.continuation_start)
     kept = [f"{p} {g.text.strip()}" for p, g, r in zip(prompts, gens, reasons, strict=True)
@@ -136,12 +163,15 @@ def run(config: ContinueConfig, out: Path, force: bool = False,
                                            "sha256": sha256_file(Path(config.input))},
               "settings": {k: v for k, v in asdict(config).items()
                            if k not in ("input", "model")},
-              "counts": {"in": len(texts), "kept": len(kept),
+              "counts": {"in": len(prompts), "kept": len(kept),
                          "dropped": {k: reasons.count(k) for k in (DEGENERATE, OTHER_LANGUAGE)},
                          "labels": dict(Counter(found).most_common())},
               "out": str(out)}
+    return kept, report
+
+
+def _write_out(out: Path, kept: list[str], report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     _write(out, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in kept))
     _write(sidecar_of(out), json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False)
            + "\n")
-    return report
