@@ -3,11 +3,11 @@
 What `unlearn` computes before its first step (:mod:`mmie.unlearn.data`: forget and alternative
 sequence log-likelihoods, retain top-k targets, the exact KL's reference summary, retain block
 activations) depends only on the base model, the token rows and a few settings, never on the
-method, objective or seed. So each
-kind is stored under ``$MMIE_HOME/cache/references/`` in one safetensors file per key, where the
-key hashes the model's fingerprint and load settings (device, dtype, attention), the torch
-version, *every* token row of the set (and its scored-span starts) and the settings that change
-the values (batch and chunk size, which decide the matmul shapes; ``top_k``; the block read).
+method, objective or seed. So each kind is stored under ``$MMIE_HOME/cache/references/`` in one
+safetensors file per key, where the key hashes the model's fingerprint and load settings
+(device, dtype, attention), the torch version, *every* token row of the set (and its
+scored-span starts) and the settings that change the values (batch and chunk size, which decide
+the matmul shapes; the head dtype; ``top_k``; the block read).
 Entries are per row: a run fills the rows it visits that the file lacks and adds them, so seeds
 that visit different rows share what they have in common. A run that finds every row it needs
 computes nothing, and gives the adapter a run computing them would (the values are the
