@@ -49,14 +49,21 @@ def _student_logits(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor
         logits = (h.to(fast.dtype) @ fast.T).float()
         top = logits.topk(min(EXACT_TOP, logits.shape[-1]), dim=-1).indices
         exact_at(logits, h, weight, top)
-        once = torch.ones_like(top, dtype=torch.float32)
         if also is not None:
             exact_at(logits, h, weight, also)
-            once = torch.cat([once.masked_fill((top[:, :, None] == also[:, None]).any(-1), 0),
-                              torch.ones_like(also, dtype=torch.float32)], -1)
-            top = torch.cat([top, also], -1)
-        split = (top, once)
+        split = _split(top, also)
     return (logits if bias is None else logits + bias), split
+
+
+def _split(top: Tensor, also: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(ids computed exactly, 0/1 weight per id)``: each row's top ids, then ``also``'s; an
+    id in both counts once, as ``also``'s (its value came from that recomputation)."""
+    once = torch.ones_like(top, dtype=torch.float32)
+    if also is None:
+        return top, once
+    once = torch.cat([once.masked_fill((top[:, :, None] == also[:, None]).any(-1), 0),
+                      torch.ones_like(also, dtype=torch.float32)], -1)
+    return torch.cat([top, also], -1), once
 
 
 def _student_exp(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor | None,
@@ -70,12 +77,7 @@ def _student_exp(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor | 
         picked = None if also is None else logits.gather(-1, also)
         return (*_shifted_exp(logits), split, picked)
     low = h.to(fast.dtype) @ fast.T
-    ids = low.topk(min(EXACT_TOP, low.shape[-1]), dim=-1).indices
-    once = torch.ones_like(ids, dtype=torch.float32)
-    if also is not None:
-        once = torch.cat([once.masked_fill((ids[:, :, None] == also[:, None]).any(-1), 0),
-                          torch.ones_like(also, dtype=torch.float32)], -1)
-        ids = torch.cat([ids, also], -1)
+    ids, once = _split(low.topk(min(EXACT_TOP, low.shape[-1]), dim=-1).indices, also)
     exact = torch.einsum("nd,nkd->nk", h.float(), weight[ids].float())
     top = exact.amax(-1, keepdim=True)  # the bf16 ones differ by rounding: a safe shift
     shifted = torch.sub(low, top).exp_().scatter_(-1, ids, (exact - top).exp_())
