@@ -96,3 +96,61 @@ def test_logit_buffer_equals_head_logits_and_is_reused(tiny_lm, precision):
         third = buffer(h[:5], also[:5])
     assert torch.equal(first, want) and torch.equal(second, want[:3])
     assert third.untyped_storage().data_ptr() == storage  # one buffer for every call
+
+
+def _peaked_head(vocab=3000, d=32, seed=0) -> torch.nn.Linear:
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(d, vocab, bias=False).requires_grad_(False)
+    head.weight.copy_(torch.randn(vocab, d, generator=gen))
+    head.weight[:40] *= 3  # a few ids with LM-like logits around 20-30
+    return head
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.2, 3.0])
+def test_the_pick_from_top_candidates_is_the_full_rows_pick(penalty, monkeypatch):
+    head = _peaked_head()
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(64, head.in_features, generator=gen)
+    top = (h @ head.weight.T).topk(40, dim=-1).indices
+    # texts that already hold many of each row's best ids: the penalty moves the pick around,
+    # and some rows' 32 candidates all drop below the bound
+    text = torch.cat([top[:, :2], top[:, :40] * (torch.arange(64)[:, None] % 3 == 0)], 1)
+    fulls = []
+    real_full = decode._full
+    monkeypatch.setattr(decode, "_full", lambda lo, hh, *a: fulls.append(len(hh)) or
+                        real_full(lo, hh, *a))
+    with torch.inference_mode(), hp.head_precision("bf16"):
+        buffer = hp.LogitBuffer(head)
+        want = real_full(buffer, h, text, penalty)
+        got = decode._choose(buffer, h, text, penalty)
+        assert torch.equal(got, want)
+        decided_here, fulls[:] = 64 - sum(fulls), []
+        real_top = buffer.top  # nothing certain: every row falls back
+        monkeypatch.setattr(buffer, "top", lambda hh: (*real_top(hh)[:2], torch.full(
+            (len(hh),), float("inf"))))
+        assert torch.equal(decode._choose(buffer, h, text, penalty), want)
+    assert decided_here > 32  # most rows never wrote their fp32 row
+    assert fulls == [64]  # and the forced case really fell back, once, for every row
+
+
+def test_the_pick_needs_a_reduced_plain_head():
+    head = _peaked_head()
+    h = torch.randn(4, head.in_features)
+    with torch.inference_mode():
+        assert hp.LogitBuffer(head).top(h) is None  # fp32: the full row is the product
+        with hp.head_precision("bf16"):
+            assert hp.LogitBuffer(head, softcap=30.0).top(h) is None
+            ids, exact, bound = hp.LogitBuffer(head).top(h)
+    assert ids.shape == exact.shape == (4, 2 * hp.EXACT_TOP) and bound.shape == (4,)
+    torch.testing.assert_close(exact, torch.gather(h @ head.weight.T, 1, ids))
+
+
+def test_topk_picks_the_same_ids_from_bf16_and_its_fp32_upcast():
+    """What _choose relies on: its candidates (topk of the bf16 product) are the ids _full makes
+    exact (topk of the fp32 upcast), even where many logits tie at the 32nd value."""
+    gen = torch.Generator().manual_seed(0)
+    low = (torch.randn(64, 20000, generator=gen) * 8).bfloat16()
+    k = 2 * hp.EXACT_TOP
+    ties = (low == low.topk(k, dim=-1).values[:, -1:]).sum(-1) > 1
+    assert ties.sum() > 10  # the case that matters is there
+    assert torch.equal(low.topk(k, dim=-1).indices, low.float().topk(k, dim=-1).indices)

@@ -70,6 +70,59 @@ def _cache_name(body: torch.nn.Module) -> str:
         "past_key_values"
 
 
+def _full(logits_of: LogitBuffer, h: Tensor, text: Tensor, penalty: float) -> Tensor:
+    """The pick from the whole logits row: penalty in place, then the first index of the
+    largest value."""
+    logits = logits_of(h)
+    _penalize(logits, text.to(logits.device), penalty)
+    # max, not argmax: the same first index of the largest value, in half the time on CPU
+    return logits.max(-1).indices
+
+
+def _choose_recorded(logits_of: LogitBuffer, h: Tensor, text: Tensor,
+                     penalty: float) -> tuple[Tensor, Tensor]:
+    logits = logits_of(h)
+    lse, raw = logits.logsumexp(-1), logits.clone()
+    _penalize(logits, text.to(logits.device), penalty)
+    chosen = logits.max(-1).indices
+    return chosen, (raw.gather(1, chosen[:, None])[:, 0] - lse).cpu()
+
+
+def _choose(logits_of: LogitBuffer, h: Tensor, text: Tensor, penalty: float,
+            running: Tensor | None = None) -> Tensor:
+    """:func:`_full`'s pick, from each row's exact top candidates alone where that is certain.
+
+    Under a bf16 head :func:`_full`'s row holds the exact logits of its top ids and bf16
+    values elsewhere, all at most the candidates' smallest bf16 value ``bound``; the penalty
+    only lowers a logit. The candidates here are the same ids: ``topk`` over the bf16 product
+    and over its exact fp32 upcast picks the same ids, ties at ``bound`` included (one
+    algorithm over the same values; ``tests/test_decode.py`` checks it). So when the best
+    penalized candidate beats ``bound`` it is the row's pick, the same token, without writing
+    and scanning the fp32 row. Rows where it does not (every candidate penalized below
+    ``bound``) are picked by :func:`_full`, on those rows alone; a finished row (``running``
+    False) is fed padding whatever it picks, so its pick is left as it is.
+    """
+    top = logits_of.top(h)
+    if top is None:
+        return _full(logits_of, h, text, penalty)
+    ids, exact, bound = top
+    if penalty != 1.0:
+        seen = (ids[:, :, None] == text.to(ids.device)[:, None, :]).any(-1)
+        exact = torch.where(seen, torch.where(exact < 0, exact * penalty, exact / penalty),
+                            exact)
+    best = exact.max(-1).values
+    # first index of the largest value, among the candidates
+    past = torch.iinfo(ids.dtype).max
+    chosen = torch.where(exact == best[:, None], ids, past).amin(-1)
+    unsure = best <= bound
+    if running is not None:
+        unsure &= running.to(unsure.device)
+    if unsure.any():
+        rows = unsure.nonzero()[:, 0]
+        chosen[rows] = _full(logits_of, h[rows], text[rows.to(text.device)], penalty)
+    return chosen
+
+
 @torch.inference_mode()
 def greedy(lm: LoadedModel, ids: Tensor, mask: Tensor, *, max_new_tokens: int,
            stops: list[int], pad_id: int, penalty: float = 1.0,
@@ -90,14 +143,12 @@ def greedy(lm: LoadedModel, ids: Tensor, mask: Tensor, *, max_new_tokens: int,
     text, steps, logps = ids, [], []
     out = body(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
     for _ in range(max_new_tokens):
-        logits = logits_of(out.last_hidden_state[:, -1].to(logits_of.head.weight.device))
-        lse = logits.logsumexp(-1) if record else None
-        raw = logits.clone() if record else None
-        _penalize(logits, text.to(logits.device), penalty)
-        # max, not argmax: the same first index of the largest value, in half the time on CPU
-        chosen = logits.max(-1).indices
+        h = out.last_hidden_state[:, -1].to(logits_of.head.weight.device)
         if record:
-            logps.append((raw.gather(1, chosen[:, None])[:, 0] - lse).cpu())
+            chosen, logp = _choose_recorded(logits_of, h, text, penalty)
+            logps.append(logp)
+        else:
+            chosen = _choose(logits_of, h, text, penalty, running)
         chosen = torch.where(running, chosen.to(device), pad_id)
         steps.append(chosen)
         running &= ~torch.isin(chosen, stop_ids)

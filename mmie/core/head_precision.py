@@ -184,6 +184,23 @@ class LogitBuffer:
                 exact_at(out, h, weight, also.to(torch.long))
         return out.div_(self.softcap).tanh_().mul_(self.softcap) if self.softcap else out
 
+    def top(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Under a reduced precision, without writing the fp32 logits: each row's ids that
+        :meth:`__call__` would make exact (the reduced product's largest, as many), their exact
+        fp32 logits, and the smallest reduced logit among them, which no other logit of the row
+        exceeds. None where ``__call__`` computes something else (fp32, a soft-cap, a head that
+        is not a plain linear layer, autograd on)."""
+        if self.softcap or not plain_linear(self.head) or torch.is_grad_enabled():
+            return None
+        weight, fast = self.head.weight, fast_weight(self.head.weight)
+        if fast is None:
+            return None
+        low = self._buffer("low", h.shape[0], fast.dtype)
+        torch.mm(h.to(fast.dtype), fast.T, out=low)
+        values, ids = low.topk(min(2 * EXACT_TOP, low.shape[-1]), dim=-1)
+        exact = torch.einsum("nd,nkd->nk", h.float(), weight[ids].float())
+        return ids, exact, values[:, -1].float()
+
 
 def _fast_forward(head: nn.Linear, h: Tensor) -> Tensor:
     fast = fast_weight(head.weight)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from mmie.core.body_precision import BODY_DTYPES
 from mmie.core.data import filter_texts, read_texts, split_prompt
 from mmie.core.generation import EVAL_REPETITION_PENALTY, GenerationSettings
 from mmie.core.head_precision import HEAD_DTYPES
@@ -56,6 +57,10 @@ class EvalConfig:
         scoring (:mod:`mmie.core.head_precision`): bf16 keeps each row's largest logits, the
         scored labels and every sum fp32, so greedy continuations are the fp32 ones and
         log-probabilities move by under 0.004 nats; fp32 is the plain path, bit for bit.
+    body_dtype: ``fp32`` or ``bf16``: precision of the decoder body's linear layers
+        (:mod:`mmie.core.body_precision`). bf16 is much faster on CPUs with AMX / AVX-512
+        BF16 but changes some greedy continuations, so it is recorded in ``data`` (the
+        baseline and every arm must use the same) and is off by default.
     engine: greedy decoding by mmie's loop where it applies (``auto``: the same tokens as
         transformers' ``generate``, faster on CPU) or always by ``generate``
         (``transformers``); see :class:`mmie.core.generation.GenerationSettings`.
@@ -96,6 +101,7 @@ class EvalConfig:
     mink_k: float = 0.2
     fluency_tolerance: float = 1.0
     head_dtype: str = "fp32"
+    body_dtype: str = "fp32"
     engine: str = "auto"
     field: str = "text"
     strict: bool = False
@@ -117,6 +123,9 @@ class EvalConfig:
         if self.head_dtype not in HEAD_DTYPES:
             raise ValueError(f"head dtype must be one of {', '.join(HEAD_DTYPES)}, got "
                              f"{self.head_dtype!r}")
+        if self.body_dtype not in BODY_DTYPES:
+            raise ValueError(f"body dtype must be one of {', '.join(BODY_DTYPES)}, got "
+                             f"{self.body_dtype!r}")
         self._check_langs()
         self._check_interventions()
         self.generation()  # validates the generation fields
@@ -206,7 +215,9 @@ def data_record(c: EvalConfig, sets: list[PromptSet]) -> dict:
             "replacement_lang": c.replacement_lang, "protected": list(c.protected),
             "prompt_frac": c.prompt_frac, "temperature": c.temperature, "top_p": c.top_p,
             "repetition_penalty": c.repetition_penalty, "max_length": c.max_length,
-            "fluency": "unconditional"}
+            "fluency": "unconditional",
+            # bf16 body matmuls change continuations; absent (fp32) keeps older records equal
+            **({"body_dtype": c.body_dtype} if c.body_dtype != "fp32" else {})}
 
 
 def read_members(c: EvalConfig, held_out: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ import torch
 
 from mmie.core.activations import harvest
 from mmie.core.artifacts import load
+from mmie.core.body_precision import body_precision
 from mmie.core.distributed import World, world
 from mmie.core.errors import ArtifactError
 from mmie.core.generation import Generation, TokenScores, generate, score, text_items
@@ -153,6 +154,8 @@ def _fluency(lm: LoadedModel, c: EvalConfig, gens: list[Generation], here: World
     key = {"batch_size": c.batch_size, "z": False}
     if c.head_dtype != "fp32":  # bf16 scores differ in the last digits; fp32 keeps its old key
         key["head_dtype"] = c.head_dtype
+    if c.body_dtype != "fp32":
+        key["body_dtype"] = c.body_dtype
     return cached_scores(lm, items, key, lambda: score(
         lm, items, batch_size=c.batch_size, progress=progress, desc=f"fluency {name}",
         here=here, z=False))
@@ -168,8 +171,11 @@ def measure(c: EvalConfig, sets: list[PromptSet], mia_texts: tuple[list[str], li
     and all return the same, complete result.
     """
     here = world()
-    # every pass computes the LM head at c.head_dtype (mmie.core.head_precision)
-    with loaded(c.model) as lm, head_precision(c.head_dtype):
+    # every pass computes the LM head at c.head_dtype (mmie.core.head_precision) and the
+    # body's linear layers at c.body_dtype, entered before any adapter is attached, so that
+    # an adapter's own layers stay fp32 (mmie.core.body_precision)
+    with loaded(c.model) as lm, head_precision(c.head_dtype), \
+            body_precision(lm.model, c.body_dtype):
         token_sets = build_token_sets(lm.tokenizer, langs) if langs else {}
         got = _with_interventions(lm, c, sets, mia_texts, token_sets, here, progress)
         # fluency is judged by the base model: interventions are detached by now
