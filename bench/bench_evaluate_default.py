@@ -10,13 +10,16 @@ against lines 1-130), with no reference cache (``MMIE_CACHE=0``: every pass comp
   fp32 LM head, as ``evaluate`` ran when #17 was filed (its z-scores on every perplexity pass
   are gone from the code and not re-created, so "before" is if anything faster than then);
 - **after**: the defaults (mmie's greedy loop, 64 prompts per batch, freed memory reused) with
-  ``--head-dtype bf16``, as ``make demo`` runs it.
+  ``--head-dtype bf16``: the same continuations as before;
+- **after_body_bf16**: as *after* with ``--body-dtype bf16`` too, as ``make demo`` runs it: the
+  decoder body's projections in bf16, which changes some continuations.
 
-Reported: each run's wall time (and its profile phases) and the ratio; how many continuations
-are token-identical; the largest relative difference of any manifest metric and the metrics that
-moved by more than 0.1%, each with its value in both runs. Needs the converted default model.
+Reported: each run's wall time (and its profile phases) and its ratio to *before*; for each,
+how many continuations are token-identical to *before*'s; the largest relative difference of
+any manifest metric and the metrics that moved by more than 0.1%, each with its value in both
+runs. Needs the converted default model.
 
-    python bench/bench_evaluate_default.py        # about 9 minutes on 2 cores
+    python bench/bench_evaluate_default.py        # about 11 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmie.core.bounds import cp_bound
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 RUNS = {
     "before": (["--engine", "transformers", "--batch-size", "16", "--head-dtype", "fp32"],
                {"MMIE_MALLOC": "system"}),
     "after": (["--head-dtype", "bf16"], {}),
+    "after_body_bf16": (["--head-dtype", "bf16", "--body-dtype", "bf16"], {}),
 }
 
 
@@ -92,9 +98,24 @@ def compare(before: dict, after: dict) -> dict:
             largest = max(largest, relative)
             if relative > 1e-3:
                 moved[name] = [a, b]
-    return {"continuations_identical": f"{same}/{len(before['samples'])}",
+    rates = {name: rate_interval(before["metrics"][name], b)
+             for name, (_, b) in moved.items() if name.endswith("_rate")}
+    return {"continuations_identical_to_before": f"{same}/{len(before['samples'])}",
             "largest_relative_metric_difference": largest,
-            "metrics_moved_over_0.1%": moved}
+            "metrics_moved_over_0.1%": moved,
+            "moved_rates_outside_before's_95%_interval": {
+                k: v for k, v in rates.items() if not v["inside"]},
+            "moved_rates_inside": sum(v["inside"] for v in rates.values())}
+
+
+def rate_interval(metric: dict, other: float) -> dict:
+    """The two-sided 95% Clopper-Pearson interval of a rate metric (``value`` of ``n``), and
+    whether ``other`` lies in it."""
+    n = int(metric["n"])
+    x = round(metric["value"] * n)
+    lo, hi = cp_bound(x, n, 0.025, "greater"), cp_bound(x, n, 0.025, "less")
+    return {"before": metric["value"], "after": other, "interval": [lo, hi],
+            "inside": lo <= other <= hi}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,12 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         files = split(Path(tmp))
         got = {name: evaluate(files, args.n_prompts, Path(tmp) / name, name) for name in RUNS}
-    result = {"model": "default (Gemma 3 270M)", "n_prompts": args.n_prompts,
-              "before_s": got["before"]["seconds"], "after_s": got["after"]["seconds"],
-              "ratio": got["before"]["seconds"] / got["after"]["seconds"],
-              **compare(got["before"], got["after"]),
-              "profile_before": got["before"]["metrics"].get("profile"),
-              "profile_after": got["after"]["metrics"].get("profile")}
+    result = {"model": "default (Gemma 3 270M)", "n_prompts": args.n_prompts}
+    for name, run in got.items():
+        result[f"{name}_s"] = run["seconds"]
+        if name != "before":
+            result[f"ratio_{name}"] = got["before"]["seconds"] / run["seconds"]
+            result[name] = compare(got["before"], run)
+    result |= {f"profile_{name}": run["metrics"].get("profile") for name, run in got.items()}
     print(json.dumps(result, indent=2) if args.json else _table(result))
     return result
 

@@ -92,10 +92,12 @@ def fast_logits_into(h: Tensor, weight: Tensor, fast: Tensor, low: Tensor, out: 
                      top: int = EXACT_TOP) -> Tensor:
     """:func:`fast_logits` without autograd, written into ``out`` (fp32 ``[rows, V]``) through
     ``low`` (``[rows, V]`` in the fast dtype): buffers a caller keeps across calls, since on CPU
-    every fresh tensor of a 262k vocabulary's size is paid in page faults. Same values."""
+    every fresh tensor of a 262k vocabulary's size is paid in page faults. Same values (the top
+    ids are taken from ``low``: ``topk`` picks the same ids there as from its fp32 copy, ties
+    included, and reads half the bytes)."""
     torch.mm(h.to(fast.dtype), fast.T, out=low)
     out.copy_(low)
-    return exact_at(out, h, weight, _top_ids(out, top))
+    return exact_at(out, h, weight, _top_ids(low, top))
 
 
 def head_product(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
