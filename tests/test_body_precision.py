@@ -149,3 +149,16 @@ def test_cli_body_dtype_reaches_the_manifest(files, tmp_path):
         "evaluate", "--model", "tiny:llama", "--forget", str(files["hi"]),
         "--retain", str(files["en"]), "--body-dtype", "fp8", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "body dtype" in bad.output
+
+
+def test_a_baseline_of_another_body_dtype_gives_no_perplexity_ratio(files, tmp_path):
+    from mmie.evaluate.stage import run
+
+    base = run(_config(files), tmp_path / "base")
+    same = run(_config(files, baseline=str(tmp_path / "base")), tmp_path / "same")
+    other = run(_config(files, body_dtype="bf16", baseline=str(tmp_path / "base")),
+                tmp_path / "other")
+    assert base.metrics["retain_nll"]["value"] is not None
+    assert same.metrics["retain_ppl_ratio"]["value"] == 1.0
+    assert other.metrics["retain_ppl_ratio"]["value"] is None
+    assert "--body-dtype" in other.metrics["retain_ppl_ratio"]["missing"]

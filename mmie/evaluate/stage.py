@@ -145,12 +145,13 @@ def _ppl_ratio(c: EvalConfig, book: em.MetricBook, data: dict, baseline: Artifac
     if baseline is None:
         return book.skip("retain_ppl_ratio", "no --baseline given")
     theirs = baseline.config.get("data", {})
-    same = all(theirs.get(k) == data[k] for k in ("n_prompts",)) and \
+    same = all(theirs.get(k) == data.get(k) for k in ("n_prompts", "body_dtype")) and \
         theirs.get("files", {}).get("retain") == data["files"]["retain"]
     base = (baseline.metrics.get("retain_nll") or {}).get("value")
     ours, n = book.value("retain_nll"), book.metrics["retain_nll"].n
     book.put("retain_ppl_ratio",
-             em.Metric.absent("the baseline was evaluated on other retain texts", n) if not same
+             em.Metric.absent("the baseline was evaluated on other retain texts or with "
+                              "another --body-dtype", n) if not same
              else em.Metric(float(em.ppl_ratio(ours, base)), n) if None not in (ours, base)
              else em.Metric.absent("retain perplexity missing here or in the baseline", n))
 
