@@ -122,8 +122,13 @@ def _top_ids(logits: Tensor, top: int) -> Tensor:
     return logits.topk(min(top + EXACT_TOP, logits.shape[-1]), dim=-1).indices
 
 
+def exact_logits(h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """fp32 logits of the ids ``idx`` (``[rows, k]``) of each row of ``h``, from the fp32 rows."""
+    return torch.einsum("nd,nkd->nk", h.float(), weight[idx].float())
+
+
 def exact_at(logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    exact = torch.einsum("nd,nkd->nk", h.float(), weight[idx].float())
+    exact = exact_logits(h, weight, idx)
     # in place: ``logits`` is this call's own fresh fp32 copy (autograd allows it), and a
     # [rows, vocab] copy costs as much as the logsumexp
     return logits.scatter_(-1, idx, exact)
@@ -200,8 +205,7 @@ class LogitBuffer:
         low = self._buffer("low", h.shape[0], fast.dtype)
         torch.mm(h.to(fast.dtype), fast.T, out=low)
         values, ids = low.topk(min(2 * EXACT_TOP, low.shape[-1]), dim=-1)
-        exact = torch.einsum("nd,nkd->nk", h.float(), weight[ids].float())
-        return ids, exact, values[:, -1].float()
+        return ids, exact_logits(h, weight, ids), values[:, -1].float()
 
 
 def _fast_forward(head: nn.Linear, h: Tensor) -> Tensor:

@@ -32,7 +32,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmie.core.head_precision import EXACT_TOP, exact_at, fast_weight, head_product
+from mmie.core.head_precision import (
+    EXACT_TOP,
+    exact_at,
+    exact_logits,
+    fast_weight,
+    head_product,
+)
 
 
 def _student_logits(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor | None,
@@ -78,7 +84,7 @@ def _student_exp(h: Tensor, weight: Tensor, bias: Tensor | None, fast: Tensor | 
         return (*_shifted_exp(logits), split, picked)
     low = h.to(fast.dtype) @ fast.T
     ids, once = _split(low.topk(min(EXACT_TOP, low.shape[-1]), dim=-1).indices, also)
-    exact = torch.einsum("nd,nkd->nk", h.float(), weight[ids].float())
+    exact = exact_logits(h, weight, ids)
     top = exact.amax(-1, keepdim=True)  # the bf16 ones differ by rounding: a safe shift
     shifted = torch.sub(low, top).exp_().scatter_(-1, ids, (exact - top).exp_())
     total = shifted.sum(-1)
